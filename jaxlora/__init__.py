@@ -1,0 +1,1 @@
+"""jaxlora: LoRA finetuning of GPT-style language models in pure JAX/Flax."""

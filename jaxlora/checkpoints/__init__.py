@@ -1,0 +1,1 @@
+"""jaxlora.checkpoints"""
