@@ -1,0 +1,286 @@
+"""The GPT: one NNX model covering Llama, Mistral, Mixtral, Qwen2.5, Phi, Gemma(-2), Falcon, GPT-NeoX.
+
+Layout: embedding -> `n_layer` blocks stored stacked (every block param has a leading `layers`
+axis) and run by `jax.lax.scan`, so compile time does not grow with depth -> final norm -> head.
+All linear maps are `LoRALinear` with [in, out] kernels; q, k, v and the MLP's gate/up are
+separate maps (fused HF tensors are split on load), so every projection has its own adapter.
+
+Dtypes: frozen weights in their stored dtype, activations in `compute_dtype`, norms, softmax and
+logits in fp32. Every parameter carries logical axis names (`out_sharding` metadata).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxlora.models.config import ModelConfig
+from jaxlora.models.lora import LoRAConfig, LoRALinear, _axes
+
+REMAT_CHOICES = ("none", "block")  # or any name in jax.checkpoint_policies
+
+
+class Norm(nnx.Module):
+    """RMSNorm (optionally Gemma's `1 + weight`) or LayerNorm; computed in fp32, returns x's dtype."""
+
+    def __init__(self, size: int, config: ModelConfig, param_dtype):
+        self.kind = config.norm_class
+        self.eps = config.norm_eps
+        self.unit_offset = config.norm_unit_offset
+        init = jnp.zeros if self.unit_offset else jnp.ones
+        self.weight = nnx.Param(init((size,), param_dtype), **_axes(("embed",)))
+        self.bias = (nnx.Param(jnp.zeros((size,), param_dtype), **_axes(("embed",)))
+                     if self.kind == "LayerNorm" else None)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = x.astype(jnp.float32)
+        if self.kind == "LayerNorm":
+            h = h - h.mean(-1, keepdims=True)
+        h = h * jax.lax.rsqrt((h * h).mean(-1, keepdims=True) + self.eps)
+        w = self.weight[...].astype(jnp.float32)
+        h = h * (1.0 + w if self.unit_offset else w)
+        if self.bias is not None:
+            h = h + self.bias[...].astype(jnp.float32)
+        return h.astype(x.dtype)
+
+
+def rope_inv_freq(config: ModelConfig) -> np.ndarray:
+    """Inverse frequencies [rope_n_elem // 2] (fp32), with Llama-3.1 scaling when configured."""
+    n = config.rope_n_elem
+    inv_freq = 1.0 / (config.rope_base ** (np.arange(0, n, 2, dtype=np.float64) / n))
+    scaling = config.rope_scaling_dict
+    if scaling:
+        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_ctx = scaling["original_max_position_embeddings"]
+        wavelen = 2 * np.pi / inv_freq
+        low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+        inv_freq = np.where(wavelen > low_wavelen, inv_freq / factor,
+                            np.where(wavelen < high_wavelen, inv_freq, smoothed))
+    return inv_freq.astype(np.float32)
+
+
+def rope_tables(positions: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, jax.Array]:
+    """positions int [b, t] -> cos, sin fp32 [b, t, 1, rope_n_elem] (rotate-half layout)."""
+    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [b, t, n/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate the first cos.shape[-1] dims of every head of x [b, t, heads, head_size]."""
+    n = cos.shape[-1]
+    if n == 0:
+        return x
+    rot, rest = x[..., :n].astype(jnp.float32), x[..., n:]
+    half = n // 2
+    rotated = jnp.concatenate([-rot[..., half:], rot[..., :half]], axis=-1)
+    out = (rot * cos + rotated * sin).astype(x.dtype)
+    return jnp.concatenate([out, rest], axis=-1) if rest.shape[-1] else out
+
+
+class Attention(nnx.Module):
+    def __init__(self, config: ModelConfig, lora: LoRAConfig, param_dtype, rngs: nnx.Rngs):
+        c = config
+        q_out, kv_out = c.n_head * c.head_size, c.n_query_groups * c.head_size
+        qkv_bias = c.bias or c.attn_bias
+        mk = lambda i, o, axes, target, bias: LoRALinear(
+            i, o, axes=axes, rank=lora.rank_for(target), lora=lora, use_bias=bias, param_dtype=param_dtype, rngs=rngs)
+        self.q = mk(c.n_embd, q_out, ("embed", "heads"), "query", qkv_bias)
+        self.k = mk(c.n_embd, kv_out, ("embed", "kv_heads"), "key", qkv_bias)
+        self.v = mk(c.n_embd, kv_out, ("embed", "kv_heads"), "value", qkv_bias)
+        self.proj = mk(q_out, c.n_embd, ("heads", "embed"), "projection", c.bias)
+        self.n_head, self.n_kv, self.head_size = c.n_head, c.n_query_groups, c.head_size
+        self.scale = 1.0 / math.sqrt(c.attention_scores_scalar or c.head_size)
+        self.softcap = c.attention_logit_softcapping
+
+    def __call__(self, x, cos, sin, mask, keys):
+        """x [b, t, d]; mask bool [b, 1, t, t] (True = may attend); keys: 4 dropout keys or None."""
+        b, t, _ = x.shape
+        k0, k1, k2, k3 = keys if keys is not None else (None,) * 4
+        q = self.q(x, dropout_key=k0).reshape(b, t, self.n_head, self.head_size)
+        k = self.k(x, dropout_key=k1).reshape(b, t, self.n_kv, self.head_size)
+        v = self.v(x, dropout_key=k2).reshape(b, t, self.n_kv, self.head_size)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.softcap is None:
+            y = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=self.scale)
+        else:
+            y = self._softcapped_attention(q, k, v, mask)
+        return self.proj(y.reshape(b, t, self.n_head * self.head_size), dropout_key=k3)
+
+    def _softcapped_attention(self, q, k, v, mask):
+        """Plain attention with tanh soft-capping of the scores (Gemma-2); scores in fp32."""
+        b, t, _, hs = q.shape
+        q = q.reshape(b, t, self.n_kv, self.n_head // self.n_kv, hs)
+        scores = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32) * self.scale
+        scores = jnp.tanh(scores / self.softcap) * self.softcap
+        scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        y = jnp.einsum("bkgts,bskh->btkgh", probs, v)
+        return y.reshape(b, t, self.n_head, hs)
+
+
+class MLP(nnx.Module):
+    """GptNeoxMLP (fc -> gelu -> proj), LLaMAMLP (silu gate), GemmaMLP (gelu gate), LLaMAMoE (top-k experts)."""
+
+    def __init__(self, config: ModelConfig, lora: LoRAConfig, param_dtype, rngs: nnx.Rngs):
+        c = config
+        self.kind = c.mlp_class
+        self.gelu_approximate = c.gelu_approximate
+        rank = lora.rank_for("mlp")
+        experts = ((c.n_expert, "expert"),) if self.kind == "LLaMAMoE" else ()
+        mk = lambda i, o, axes: LoRALinear(i, o, axes=axes, rank=rank, lora=lora, use_bias=c.bias,
+                                           batch_dims=experts, param_dtype=param_dtype, rngs=rngs)
+        if self.kind == "GptNeoxMLP":
+            self.fc = mk(c.n_embd, c.intermediate_size, ("embed", "mlp"))
+        else:
+            self.fc_1 = mk(c.n_embd, c.intermediate_size, ("embed", "mlp"))  # gate
+            self.fc_2 = mk(c.n_embd, c.intermediate_size, ("embed", "mlp"))  # up
+        self.proj = mk(c.intermediate_size, c.n_embd, ("mlp", "embed"))
+        if self.kind == "LLaMAMoE":
+            bound = 1.0 / math.sqrt(c.n_embd)
+            self.router = nnx.Param(jax.random.uniform(rngs.params(), (c.n_embd, c.n_expert), param_dtype,
+                                                       -bound, bound), **_axes(("embed", None)))
+            self.top_k = c.n_expert_per_token
+
+    def __call__(self, x, keys):
+        """x [b, t, d] -> [b, t, d]; keys: 3 dropout keys or None."""
+        k0, k1, k2 = keys if keys is not None else (None,) * 3
+        if self.kind == "LLaMAMoE":
+            return self._moe(x, k0, k1, k2)
+        if self.kind == "GptNeoxMLP":
+            h = jax.nn.gelu(self.fc(x, dropout_key=k0), approximate=self.gelu_approximate)
+        else:
+            h = self._gated(self.fc_1(x, dropout_key=k0), self.fc_2(x, dropout_key=k1))
+        return self.proj(h, dropout_key=k2)
+
+    def _gated(self, gate, up):
+        if self.kind == "GemmaMLP":
+            return jax.nn.gelu(gate, approximate=self.gelu_approximate) * up
+        return jax.nn.silu(gate) * up
+
+    def _moe(self, x, k0, k1, k2):
+        """Top-k routing (softmax over the chosen experts' logits, = Mixtral's renormalised top-k).
+
+        Dense dispatch: every expert runs on every token and unchosen experts get weight 0. Exact,
+        shape-static and simple; it costs n_expert / top_k times the FLOPs of sparse dispatch.
+        """
+        router_logits = jnp.einsum("btd,de->bte", x, self.router[...].astype(x.dtype),
+                                   preferred_element_type=jnp.float32)
+        top_logits, top_idx = jax.lax.top_k(router_logits, self.top_k)
+        top_w = jax.nn.softmax(top_logits, axis=-1)  # [b, t, k]
+        weights = jnp.sum(jax.nn.one_hot(top_idx, router_logits.shape[-1]) * top_w[..., None], axis=-2)
+        n_expert = router_logits.shape[-1]
+        xe = jnp.broadcast_to(x[:, :, None, :], x.shape[:2] + (n_expert, x.shape[-1]))  # [b, t, e, d]
+        spec = "...ei,eio->...eo"
+        h = self._gated(self.fc_1(xe, dropout_key=k0, spec=spec), self.fc_2(xe, dropout_key=k1, spec=spec))
+        y = self.proj(h, dropout_key=k2, spec=spec)  # [b, t, e, d]
+        return jnp.einsum("bted,bte->btd", y, weights.astype(y.dtype))
+
+
+class Block(nnx.Module):
+    def __init__(self, config: ModelConfig, lora: LoRAConfig, param_dtype, rngs: nnx.Rngs):
+        c = config
+        self.parallel_residual = c.parallel_residual
+        self.norm_1 = Norm(c.n_embd, c, param_dtype)
+        self.attn = Attention(c, lora, param_dtype, rngs)
+        self.post_attention_norm = Norm(c.n_embd, c, param_dtype) if c.post_attention_norm else None
+        self.norm_2 = None if c.shared_attention_norm else Norm(c.n_embd, c, param_dtype)
+        self.mlp = MLP(c, lora, param_dtype, rngs)
+        self.post_mlp_norm = Norm(c.n_embd, c, param_dtype) if c.post_mlp_norm else None
+
+    def __call__(self, x, cos, sin, mask, dropout_key=None):
+        keys = None if dropout_key is None else tuple(jax.random.split(dropout_key, 7))
+        h = self.norm_1(x)
+        attn = self.attn(h, cos, sin, mask, None if keys is None else keys[:4])
+        if self.post_attention_norm is not None:
+            attn = self.post_attention_norm(attn)
+        if self.parallel_residual:
+            mlp_in = h if self.norm_2 is None else self.norm_2(x)
+        else:
+            x = x + attn
+            mlp_in = self.norm_2(x)
+        m = self.mlp(mlp_in, None if keys is None else keys[4:])
+        if self.post_mlp_norm is not None:
+            m = self.post_mlp_norm(m)
+        return x + attn + m if self.parallel_residual else x + m
+
+
+class GPT(nnx.Module):
+    """input_ids int32 [b, t] -> logits fp32 [b, t, padded_vocab_size]."""
+
+    def __init__(self, config: ModelConfig, lora: LoRAConfig = LoRAConfig(), *, param_dtype=jnp.float32,
+                 compute_dtype=None, scan_layers: bool = True, remat: str = "none", rngs: nnx.Rngs):
+        c = config
+        self.config, self.lora = c, lora
+        self.compute_dtype = jnp.dtype(compute_dtype or param_dtype)
+        self.scan_layers, self.remat = scan_layers, remat
+        self.wte = nnx.Param(0.02 * jax.random.normal(rngs.params(), (c.padded_vocab_size, c.n_embd), param_dtype),
+                             **_axes(("vocab", "embed")))
+
+        @nnx.split_rngs(splits=c.n_layer)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def make_blocks(rngs):
+            return Block(c, lora, param_dtype, rngs)
+
+        self.blocks = make_blocks(rngs)
+        self.ln_f = Norm(c.n_embd, c, param_dtype)
+        self.lm_head = LoRALinear(c.n_embd, c.padded_vocab_size, axes=("embed", "vocab"), rank=lora.rank_for("head"),
+                                  lora=lora, use_bias=c.lm_head_bias, param_dtype=param_dtype,
+                                  has_kernel=not c.tie_embeddings, rngs=rngs)
+
+    def __call__(self, input_ids, *, positions=None, attention_mask=None, dropout_key=None):
+        return self.logits(self.hidden_states(input_ids, positions=positions, attention_mask=attention_mask,
+                                              dropout_key=dropout_key))
+
+    def hidden_states(self, input_ids, *, positions=None, attention_mask=None, dropout_key=None):
+        """Final-norm hidden states [b, t, n_embd] in the compute dtype.
+
+        attention_mask: [b, t], 1 for real tokens, 0 for padding (left or right). positions default
+        to the count of real tokens before each one. dropout_key enables LoRA dropout (training).
+        """
+        c = self.config
+        b, t = input_ids.shape
+        valid = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
+        if positions is None:
+            positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0)
+        idx = jnp.arange(t)
+        causal = idx[None, :, None] >= idx[None, None, :]  # [1, t(query), t(key)]
+        base_mask = (causal & valid[:, None, :])[:, None]  # [b, 1, t, t]
+        distance = (idx[:, None] - idx[None, :])[None, None]
+        cos, sin = rope_tables(positions, rope_inv_freq(c))
+
+        x = self.wte[...][input_ids].astype(self.compute_dtype)
+        if c.scale_embeddings:
+            x = x * jnp.asarray(math.sqrt(c.n_embd), self.compute_dtype)
+
+        windows = jnp.asarray([c.sliding_window_for_layer(i) or 0 for i in range(c.n_layer)], jnp.int32)
+        layer_keys = None if dropout_key is None else jax.random.split(dropout_key, c.n_layer)
+        graphdef, block_state = nnx.split(self.blocks)
+
+        def body(h, layer):
+            state, window, key = layer
+            mask = base_mask & ((window == 0) | (distance < window))
+            return nnx.merge(graphdef, state)(h, cos, sin, mask, key), None
+
+        if self.remat != "none":
+            policy = None if self.remat == "block" else getattr(jax.checkpoint_policies, self.remat)
+            body = jax.checkpoint(body, policy=policy, prevent_cse=not self.scan_layers)
+        if self.scan_layers:
+            x, _ = jax.lax.scan(body, x, (block_state, windows, layer_keys))
+        else:
+            for i in range(c.n_layer):
+                x, _ = body(x, jax.tree.map(lambda a: a[i], (block_state, windows, layer_keys)))
+        return self.ln_f(x)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """hidden [..., n_embd] -> fp32 logits [..., padded_vocab_size] (final soft-capping applied)."""
+        kernel = self.wte[...].T if self.lm_head.kernel is None else None
+        y = self.lm_head(hidden, kernel=kernel, out_dtype=jnp.float32)
+        cap = self.config.final_logit_softcapping
+        return jnp.tanh(y / cap) * cap if cap else y

@@ -1,0 +1,169 @@
+"""LoRA with LitGPT semantics: `y = x W + b + dropout(x) A B * scale`.
+
+`A` [in, r] is kaiming-uniform (bound 1/sqrt(in), as torch's `kaiming_uniform_(a=sqrt(5))`),
+`B` [r, out] is zeros, `scale = alpha / r` (or `alpha / sqrt(r)` with rsLoRA). LoRA weights are
+`nnx.LoRAParam` so that `split_lora` can separate them from the frozen weights; they are kept in
+fp32 whatever the frozen dtype. Dropout applies to the LoRA branch only, and only when a
+dropout key is passed (training).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Iterator
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxlora.errors import ConfigError
+
+LORA_TARGETS = ("query", "key", "value", "projection", "mlp", "head")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRAConfig:
+    r: int = 0  # 0 disables LoRA
+    alpha: float = 16.0
+    dropout: float = 0.0
+    query: bool = False
+    key: bool = False
+    value: bool = False
+    projection: bool = False
+    mlp: bool = False  # every MLP matrix, experts included (not the MoE router)
+    head: bool = False
+    use_rslora: bool = False
+
+    def __post_init__(self):
+        if self.r < 0:
+            raise ConfigError(f"lora_r must be >= 0 (0 disables LoRA), got {self.r}")
+        if self.r > 0 and self.alpha <= 0:
+            raise ConfigError(f"lora_alpha must be > 0, got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def scale(self) -> float:
+        if self.r == 0:
+            return 0.0
+        return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+    def rank_for(self, target: str) -> int:
+        """The rank of the adapter on `target` (one of LORA_TARGETS): r if switched on, else 0."""
+        return self.r if getattr(self, target) else 0
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        return tuple(t for t in LORA_TARGETS if getattr(self, t)) if self.r else ()
+
+
+def _axes(names: tuple, eager: bool = False) -> dict:
+    return dict(sharding_names=names, eager_sharding=eager)
+
+
+class LoRALinear(nnx.Module):
+    """A frozen linear map with an optional LoRA adapter.
+
+    kernel: [*batch_dims, in, out] in `param_dtype` (batch_dims: experts of an MoE layer).
+    lora_a: [*batch_dims, in, r] fp32; lora_b: [*batch_dims, r, out] fp32.
+    With `has_kernel=False` the kernel comes from the caller (tied embeddings): only bias/LoRA live here.
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, axes: tuple[str | None, str | None],
+                 rank: int, lora: LoRAConfig, use_bias: bool = False, batch_dims: tuple[tuple[int, str], ...] = (),
+                 param_dtype=jnp.float32, has_kernel: bool = True, rngs: nnx.Rngs):
+        lead_shape = tuple(n for n, _ in batch_dims)
+        lead_axes = tuple(a for _, a in batch_dims)
+        self.rank = rank
+        self.scale = lora.scale if rank else 0.0
+        self.dropout = lora.dropout
+        if has_kernel:
+            bound = 1.0 / math.sqrt(in_features)  # torch nn.Linear default; HF weights overwrite it
+            self.kernel = nnx.Param(
+                jax.random.uniform(rngs.params(), lead_shape + (in_features, out_features), param_dtype,
+                                   -bound, bound), **_axes(lead_axes + axes))
+        else:
+            self.kernel = None
+        self.bias = (nnx.Param(jnp.zeros(lead_shape + (out_features,), param_dtype), **_axes(lead_axes + (axes[1],)))
+                     if use_bias else None)
+        if rank:
+            bound = 1.0 / math.sqrt(in_features)
+            self.lora_a = nnx.LoRAParam(
+                jax.random.uniform(rngs.params(), lead_shape + (in_features, rank), jnp.float32, -bound, bound),
+                **_axes(lead_axes + (axes[0], None)))
+            self.lora_b = nnx.LoRAParam(jnp.zeros(lead_shape + (rank, out_features), jnp.float32),
+                                        **_axes(lead_axes + (None, axes[1])))
+        else:
+            self.lora_a = self.lora_b = None
+
+    def __call__(self, x: jax.Array, *, kernel: jax.Array | None = None, dropout_key: jax.Array | None = None,
+                 spec: str = "...i,io->...o", out_dtype=None) -> jax.Array:
+        """x: [..., in] in the compute dtype -> [..., out] in `out_dtype` (default x's dtype).
+
+        `spec` contracts x with the kernel; it is reused for x A and (x A) B, so it must not name
+        the in/out sizes (expert-batched layers use "...ei,eio->...eo").
+        """
+        dtype = x.dtype
+        out_dtype = out_dtype or dtype
+        w = self.kernel[...] if kernel is None else kernel
+        y = jnp.einsum(spec, x, w.astype(dtype), preferred_element_type=out_dtype)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(out_dtype)
+        if self.rank:
+            xd = x
+            if dropout_key is not None and self.dropout > 0.0:
+                keep = jax.random.bernoulli(dropout_key, 1.0 - self.dropout, x.shape)
+                xd = jnp.where(keep, x / (1.0 - self.dropout), jnp.zeros_like(x))
+            a = self.lora_a[...].astype(dtype)
+            b = self.lora_b[...].astype(dtype)
+            lora_y = jnp.einsum(spec, jnp.einsum(spec, xd, a), b, preferred_element_type=out_dtype)
+            y = y + lora_y * jnp.asarray(self.scale, out_dtype)
+        return y
+
+    def merged_kernel(self) -> jax.Array:
+        """kernel + A B * scale, computed in fp32 and cast back to the kernel dtype."""
+        w = self.kernel[...]
+        if not self.rank:
+            return w
+        delta = jnp.einsum("...ir,...ro->...io", self.lora_a[...], self.lora_b[...]) * self.scale
+        return (w.astype(jnp.float32) + delta).astype(w.dtype)
+
+
+def lora_layers(model: nnx.Module) -> Iterator[tuple[tuple, LoRALinear]]:
+    """(path, layer) for every LoRALinear in the model."""
+    for path, node in nnx.iter_graph(model):
+        if isinstance(node, LoRALinear):
+            yield path, node
+
+
+def split_lora(model: nnx.Module):
+    """-> (graphdef, lora_params, base_params): two separate pytrees.
+
+    `lora_params` holds every `nnx.LoRAParam` (trainable), `base_params` everything else (frozen).
+    `nnx.merge(graphdef, lora_params, base_params)` rebuilds the model.
+    """
+    return nnx.split(model, nnx.LoRAParam, ...)
+
+
+def merge_lora(model: nnx.Module) -> nnx.Module:
+    """A copy of `model` with every adapter folded into its kernel (W + A B * scale) and removed.
+
+    The copy holds no LoRA params and gives the same outputs as `model` in eval mode.
+    """
+    merged = nnx.clone(model)
+    for path, layer in lora_layers(merged):
+        if not layer.rank:
+            continue
+        if layer.kernel is None:
+            raise ConfigError(f"cannot merge the LoRA adapter of {'/'.join(map(str, path))} into a tied "
+                              "embedding; export the adapter instead or train without lora_head")
+        layer.kernel[...] = layer.merged_kernel()
+        layer.rank, layer.scale, layer.lora_a, layer.lora_b = 0, 0.0, None, None
+    if hasattr(merged, "lora"):
+        merged.lora = LoRAConfig()
+    return merged
+
+
+def count_lora_params(model: nnx.Module) -> int:
+    return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.LoRAParam)))
