@@ -1,0 +1,10 @@
+"""LitGPT config_hub/finetune/phi-2/lora.yaml: Phi-2, LoRA on every linear layer, Alpaca2k."""
+
+from jaxlora.config import hub_recipe
+
+
+def get_config():
+    return hub_recipe(
+        "checkpoints/microsoft/phi-2", "out/finetune/lora-phi-2",
+        all_targets=True, lora_r=8, micro_batch_size=4, epochs=1, save_interval=800,
+    )
