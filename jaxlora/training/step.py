@@ -1,0 +1,221 @@
+"""Loss, train step (gradient accumulation) and eval step, as pure functions under `jax.jit`.
+
+The model travels as `(graphdef, lora, base)` (see `models.lora.split_lora`) and is rebuilt with
+`nnx.merge` inside the jitted function. Only `lora` is differentiated and updated; `base` is an
+argument of every call (never donated, never closed over, never differentiated).
+
+Loss: next-token cross-entropy in fp32, labels aligned with input_ids as in LitGPT (position i
+predicts labels[i + 1]), tokens labelled IGNORE_INDEX excluded, logits beyond the tokenizer's
+vocab_size (padding columns) excluded from the softmax. It is computed in chunks of the sequence,
+each under `jax.checkpoint`, so the [batch, seq, vocab] logits never exist at once, neither in
+the forward nor in the backward pass: only one [batch, chunk, vocab] slice at a time.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from jaxlora.errors import ConfigError
+
+IGNORE_INDEX = -100
+DEFAULT_CHUNK_SIZE = 128  # sequence positions per loss chunk (LitGPT's lm_head_chunk_size)
+MODES = ("scan", "multisteps")
+
+
+@flax.struct.dataclass
+class TrainState:
+    """What an optimizer step changes. `lora` is a plain nested dict of fp32 arrays."""
+
+    step: jax.Array  # int32 []: optimizer steps taken
+    lora: Any
+    opt_state: Any
+
+
+def init_train_state(lora_params, optimizer: optax.GradientTransformation) -> TrainState:
+    """lora_params: the `nnx.State` from `split_lora` (or its pure dict). The state gets its own copy
+    of the arrays: train steps donate the state, which must not delete the caller's arrays."""
+    lora = nnx.to_pure_dict(lora_params) if isinstance(lora_params, nnx.State) else lora_params
+    lora = jax.tree.map(jnp.copy, lora)
+    return TrainState(step=jnp.zeros((), jnp.int32), lora=lora, opt_state=optimizer.init(lora))
+
+
+def cross_entropy_sum(logits_fn: Callable[[jax.Array], jax.Array], hidden: jax.Array, targets: jax.Array, *,
+                      vocab_size: int, chunk_size: int = DEFAULT_CHUNK_SIZE) -> tuple[jax.Array, jax.Array]:
+    """Sum of token cross-entropies and count of non-ignored targets, chunked over the sequence.
+
+    hidden: [b, t, d] (any dtype); targets: int [b, t], IGNORE_INDEX where no loss.
+    logits_fn: [b, c, d] -> fp32 [b, c, padded_vocab]. Returns (fp32 [], int32 []).
+    """
+    b, t, d = hidden.shape
+    c = min(chunk_size, t)
+    n = math.ceil(t / c)
+    if n * c != t:
+        hidden = jnp.pad(hidden, ((0, 0), (0, n * c - t), (0, 0)))
+        targets = jnp.pad(targets, ((0, 0), (0, n * c - t)), constant_values=IGNORE_INDEX)
+    hs = hidden.reshape(b, n, c, d).swapaxes(0, 1)  # [n, b, c, d]: the batch axis keeps its sharding
+    ys = targets.reshape(b, n, c).swapaxes(0, 1)
+
+    @jax.checkpoint  # the backward pass recomputes each chunk's logits instead of storing them
+    def chunk_loss(h, y):
+        logits = logits_fn(h).astype(jnp.float32)  # [b, c, V]
+        if logits.shape[-1] > vocab_size:
+            logits = jnp.where(jnp.arange(logits.shape[-1]) < vocab_size, logits, -jnp.inf)
+        valid = y != IGNORE_INDEX
+        target_logit = jnp.take_along_axis(logits, jnp.where(valid, y, 0)[..., None], axis=-1)[..., 0]
+        losses = jax.nn.logsumexp(logits, axis=-1) - target_logit
+        return jnp.sum(jnp.where(valid, losses, 0.0)), jnp.sum(valid, dtype=jnp.int32)
+
+    def body(carry, xs):
+        loss, count = chunk_loss(*xs)
+        return (carry[0] + loss, carry[1] + count), None
+
+    (loss_sum, count), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32)), (hs, ys))
+    return loss_sum, count
+
+
+def sequence_loss(model, input_ids: jax.Array, labels: jax.Array, *, dropout_key: jax.Array | None = None,
+                  chunk_size: int = DEFAULT_CHUNK_SIZE) -> tuple[jax.Array, jax.Array]:
+    """input_ids, labels int32 [b, t] -> (loss sum fp32 [], token count int32 []).
+
+    Position i predicts labels[:, i + 1]; the last position predicts nothing.
+    """
+    hidden = model.hidden_states(input_ids, dropout_key=dropout_key)
+    targets = jnp.concatenate([labels[:, 1:], jnp.full((labels.shape[0], 1), IGNORE_INDEX, labels.dtype)], axis=1)
+    return cross_entropy_sum(model.logits, hidden, targets, vocab_size=model.config.vocab_size,
+                             chunk_size=chunk_size)
+
+
+def _loss_fn(graphdef, chunk_size: int):
+    def loss(lora, base, input_ids, labels, key):
+        model = nnx.merge(graphdef, lora, base)
+        return sequence_loss(model, input_ids, labels, dropout_key=key, chunk_size=chunk_size)
+    return loss
+
+
+def make_train_step(graphdef, optimizer: optax.GradientTransformation, *, accum_steps: int, mode: str = "scan",
+                    chunk_size: int = DEFAULT_CHUNK_SIZE):
+    """-> train_step(state, base, batch, key) -> (state, metrics); `state` is donated.
+
+    batch: {"input_ids", "labels"} int32 [accum_steps, micro_batch, seq] (micro_batch: global).
+    key: the run's base dropout key; micro-batch i of optimizer step s uses
+      fold_in(fold_in(key, s), i), so a resumed run draws the same dropout masks.
+    metrics: loss (fp32, token-weighted mean over the step's batch), grad_norm (fp32, global norm
+      of the gradient before clipping), tokens (int32, count of non-ignored targets).
+
+    mode "scan": one jitted call; `lax.scan` over the micro-batches sums token-loss sums, token
+      counts and fp32 gradients, and divides once by the step's token count: the gradient equals
+      that of one big batch whatever the padding.
+    mode "multisteps": `optimizer` must be `make_optimizer(..., multisteps=accum_steps)`. One jitted
+      call per micro-batch (a Python loop here); optax.MultiSteps averages the per-micro-batch mean
+      gradients (a mean of means). It equals "scan" only when every micro-batch has the same
+      token count; otherwise micro-batches with fewer tokens weigh more per token. optax runs the
+      inner update on every call and keeps it on the last; `state.step` counts optimizer steps.
+    """
+    if accum_steps < 1:
+        raise ConfigError(f"accumulation steps must be >= 1, got {accum_steps}")
+    if mode == "scan":
+        return _scan_step(graphdef, optimizer, accum_steps, chunk_size)
+    if mode == "multisteps":
+        return _multisteps_step(graphdef, optimizer, accum_steps, chunk_size)
+    raise ConfigError(f"unknown grad_accumulation mode {mode!r}; choose one of {', '.join(MODES)}")
+
+
+def _scan_step(graphdef, optimizer, accum_steps, chunk_size):
+    loss_fn = _loss_fn(graphdef, chunk_size)
+
+    @functools.partial(jax.jit, donate_argnums=0)
+    def train_step(state: TrainState, base, batch, key):
+        ids, labels = batch["input_ids"], batch["labels"]
+        if ids.shape[0] != accum_steps:
+            raise ValueError(f"batch has {ids.shape[0]} micro-batches, the step was built for {accum_steps}")
+        # Differentiate loss_sum / positions (a static constant) so gradients keep a mean-like scale
+        # (safe in fp16); rescale by positions / tokens once at the end.
+        positions = ids.shape[0] * ids.shape[1] * ids.shape[2]
+        step_key = jax.random.fold_in(key, state.step)
+
+        def scaled_loss(lora, ids_i, labels_i, key_i):
+            loss_sum, count = loss_fn(lora, base, ids_i, labels_i, key_i)
+            return loss_sum / positions, (loss_sum, count)
+
+        def micro(carry, xs):
+            loss_acc, count_acc, grad_acc = carry
+            i, ids_i, labels_i = xs
+            (_, (loss_sum, count)), grads = jax.value_and_grad(scaled_loss, has_aux=True)(
+                state.lora, ids_i, labels_i, jax.random.fold_in(step_key, i))
+            grad_acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grad_acc, grads)
+            return (loss_acc + loss_sum, count_acc + count, grad_acc), None
+
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.lora)
+        init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32), zeros)
+        (loss_sum, count, grads), _ = jax.lax.scan(micro, init, (jnp.arange(accum_steps), ids, labels))
+        denom = jnp.maximum(count, 1).astype(jnp.float32)
+        grads = jax.tree.map(lambda g: g * (positions / denom), grads)
+        new_state = _apply(optimizer, state, grads, state.step + 1)
+        metrics = {"loss": loss_sum / denom, "grad_norm": optax.tree.norm(grads), "tokens": count}
+        return new_state, metrics
+
+    return train_step
+
+
+def _apply(optimizer, state: TrainState, grads, step) -> TrainState:
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.lora)
+    return TrainState(step=step, lora=optax.apply_updates(state.lora, updates), opt_state=opt_state)
+
+
+def _multisteps_step(graphdef, optimizer, accum_steps, chunk_size):
+    loss_fn = _loss_fn(graphdef, chunk_size)
+
+    @functools.partial(jax.jit, donate_argnums=0)
+    def micro_step(state: TrainState, base, batch, key):
+        if not isinstance(state.opt_state, optax.MultiStepsState):
+            raise ConfigError("grad_accumulation 'multisteps' needs an optimizer built with multisteps=accum_steps")
+        i = state.opt_state.mini_step  # which micro-batch of `batch` this call trains on
+        ids = jax.lax.dynamic_index_in_dim(batch["input_ids"], i, keepdims=False)
+        labels = jax.lax.dynamic_index_in_dim(batch["labels"], i, keepdims=False)
+        key_i = jax.random.fold_in(jax.random.fold_in(key, state.step), i)
+
+        def mean_loss(lora):
+            loss_sum, count = loss_fn(lora, base, ids, labels, key_i)
+            return loss_sum / jnp.maximum(count, 1), (loss_sum, count)
+
+        (_, (loss_sum, count)), grads = jax.value_and_grad(mean_loss, has_aux=True)(state.lora)
+        # MultiSteps keeps a running mean (Welford); this is the mean it will apply after the last micro-batch.
+        mean_grads = jax.tree.map(lambda acc, g: acc + (g - acc) / (i + 1), state.opt_state.acc_grads, grads)
+        new_state = _apply(optimizer, state, grads, state.step)
+        new_state = new_state.replace(step=state.step + (new_state.opt_state.mini_step == 0))
+        return new_state, {"loss_sum": loss_sum, "tokens": count, "grad_norm": optax.tree.norm(mean_grads)}
+
+    def train_step(state: TrainState, base, batch, key):
+        if batch["input_ids"].shape[0] != accum_steps:
+            raise ValueError(f"batch has {batch['input_ids'].shape[0]} micro-batches, the step was built for "
+                             f"{accum_steps}")
+        loss_sum, tokens = 0.0, 0
+        for _ in range(accum_steps):
+            state, m = micro_step(state, base, batch, key)
+            loss_sum, tokens = loss_sum + m["loss_sum"], tokens + m["tokens"]
+        return state, {"loss": loss_sum / jnp.maximum(tokens, 1), "grad_norm": m["grad_norm"], "tokens": tokens}
+
+    train_step.micro_step = micro_step
+    return train_step
+
+
+def make_eval_step(graphdef, *, chunk_size: int = DEFAULT_CHUNK_SIZE):
+    """-> eval_step(lora, base, batch) -> (loss sum fp32 [], token count int32 []); no dropout.
+
+    batch: {"input_ids", "labels"} int32 [micro_batch, seq].
+    """
+    loss_fn = _loss_fn(graphdef, chunk_size)
+
+    @jax.jit
+    def eval_step(lora, base, batch):
+        return loss_fn(lora, base, batch["input_ids"], batch["labels"], None)
+
+    return eval_step
