@@ -204,13 +204,15 @@ def _from_hf_dict(hf: dict) -> ModelConfig:
         else:
             kv = 1 if hf.get("multi_query", True) else n_head
         hidden = hf["hidden_size"]
+        parallel = bool(hf.get("parallel_attn", True))
+        n_norms = hf.get("num_ln_in_parallel_attn") or (2 if new_arch else 1)
         common["tie_embeddings"] = bool(hf.get("tie_word_embeddings", True))
         return ModelConfig(
             **common, n_layer=hf.get("num_hidden_layers") or hf["n_layer"], n_embd=hidden, n_head=n_head,
             n_query_groups=kv, intermediate_size=hf.get("ffn_hidden_size") or 4 * hidden,
             block_size=hf.get("max_position_embeddings", 2048), norm_class="LayerNorm",
-            norm_eps=hf.get("layer_norm_epsilon", 1e-5), parallel_residual=bool(hf.get("parallel_attn", True)),
-            shared_attention_norm=not new_arch and (hf.get("num_ln_in_parallel_attn") in (None, 1)),
+            norm_eps=hf.get("layer_norm_epsilon", 1e-5), parallel_residual=parallel,
+            shared_attention_norm=parallel and n_norms == 1,
             rope_base=rope_base, bias=bool(hf.get("bias", False)), mlp_class="GptNeoxMLP",
         )
 

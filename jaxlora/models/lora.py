@@ -59,7 +59,7 @@ class LoRAConfig:
 
 
 def _axes(names: tuple, eager: bool = False) -> dict:
-    return dict(sharding_names=names, eager_sharding=eager)
+    return dict(out_sharding=names, eager_sharding=eager)
 
 
 class LoRALinear(nnx.Module):

@@ -1,0 +1,296 @@
+"""Load HF checkpoints (config.json + safetensors) into a `GPT`, tensor by tensor.
+
+Each family's key map says, for every frozen parameter of our model, which HF tensor holds it and
+how to bring it into our layout: HF linear weights are [out, in] and ours [in, out]; fused q/k/v
+tensors (Phi-3, Falcon, GPT-NeoX) and Phi-3's fused gate/up are split; Mixtral's per-expert
+tensors are stacked. Block params are assembled into one [n_layer, ...] array per parameter, so
+at most one stacked parameter exists twice (host + device) at any time, never the whole model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxlora.errors import CheckpointError
+from jaxlora.models.config import ModelConfig
+from jaxlora.models.gpt import GPT
+from jaxlora.models.lora import LoRAConfig
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """Where one of our parameters lives in an HF checkpoint.
+
+    names: candidate tensor names (first found wins), "{i}" = layer, "{e}" = expert.
+    part: None, ("qkv", "q"|"k"|"v", layout) to cut a fused attention tensor, or ("halves", 0|1)
+    to cut a fused gate/up tensor. transpose: HF [out, in] -> our [in, out].
+    """
+
+    names: tuple[str, ...]
+    transpose: bool = False
+    part: tuple | None = None
+    experts: int = 0  # > 0: stack tensors "{e}" = 0..experts-1 on a leading axis
+
+
+def linear(*names: str, part=None) -> dict[str, Source]:
+    """kernel (+ bias) entries of one linear layer stored as HF `<name>.weight` / `<name>.bias`."""
+    return {"kernel": Source(tuple(n + ".weight" for n in names), transpose=True, part=part),
+            "bias": Source(tuple(n + ".bias" for n in names), part=part)}
+
+
+def norm(name: str) -> dict[str, Source]:
+    return {"weight": Source((name + ".weight",)), "bias": Source((name + ".bias",))}
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-family key maps: our nested param dict (blocks without the layer axis) -> Source.
+
+
+def key_map(config: ModelConfig) -> tuple[dict, dict]:
+    """-> (top-level sources, per-block sources) for `config.model_type`."""
+    c = config
+    t = c.model_type
+    if t in ("llama", "mistral", "mixtral", "qwen2", "phi3", "gemma", "gemma2"):
+        p = "model.layers.{i}."
+        if t == "phi3":
+            qkv = lambda part: linear(p + "self_attn.qkv_proj", part=("qkv", part, "contiguous"))
+            attn = {"q": qkv("q"), "k": qkv("k"), "v": qkv("v")}
+        else:
+            attn = {x: linear(p + f"self_attn.{x}_proj") for x in "qkv"}
+        attn["proj"] = linear(p + "self_attn.o_proj")
+        if t == "mixtral":
+            e = p + "block_sparse_moe.experts.{e}."
+            mlp = {"fc_1": {"kernel": Source((e + "w1.weight",), True, experts=c.n_expert)},
+                   "fc_2": {"kernel": Source((e + "w3.weight",), True, experts=c.n_expert)},
+                   "proj": {"kernel": Source((e + "w2.weight",), True, experts=c.n_expert)},
+                   "router": Source((p + "block_sparse_moe.gate.weight",), transpose=True)}
+        elif t == "phi3":
+            mlp = {"fc_1": linear(p + "mlp.gate_up_proj", part=("halves", 0)),
+                   "fc_2": linear(p + "mlp.gate_up_proj", part=("halves", 1)), "proj": linear(p + "mlp.down_proj")}
+        else:
+            mlp = {"fc_1": linear(p + "mlp.gate_proj"), "fc_2": linear(p + "mlp.up_proj"),
+                   "proj": linear(p + "mlp.down_proj")}
+        block = {"norm_1": norm(p + "input_layernorm"), "attn": attn, "mlp": mlp}
+        if t == "gemma2":
+            block.update(post_attention_norm=norm(p + "post_attention_layernorm"),
+                         norm_2=norm(p + "pre_feedforward_layernorm"),
+                         post_mlp_norm=norm(p + "post_feedforward_layernorm"))
+        else:
+            block["norm_2"] = norm(p + "post_attention_layernorm")
+        top = {"wte": Source(("model.embed_tokens.weight",)), "ln_f": norm("model.norm"),
+               "lm_head": linear("lm_head")}
+        return top, block
+
+    if t == "phi":
+        p = "model.layers.{i}."
+        attn = {x: linear(p + f"self_attn.{x}_proj") for x in "qkv"}
+        attn["proj"] = linear(p + "self_attn.dense")
+        block = {"norm_1": norm(p + "input_layernorm"), "attn": attn,
+                 "mlp": {"fc": linear(p + "mlp.fc1"), "proj": linear(p + "mlp.fc2")}}
+        return {"wte": Source(("model.embed_tokens.weight",)), "ln_f": norm("model.final_layernorm"),
+                "lm_head": linear("lm_head")}, block
+
+    if t == "falcon":
+        p = "transformer.h.{i}."
+        # Falcon's fused q/k/v holds, per kv head, its query heads then k then v (multi-query's
+        # q | k | v is the one-kv-head case of that layout).
+        qkv = lambda part: linear(p + "self_attention.query_key_value", part=("qkv", part, "grouped"))
+        block = {"attn": {"q": qkv("q"), "k": qkv("k"), "v": qkv("v"), "proj": linear(p + "self_attention.dense")},
+                 "mlp": {"fc": linear(p + "mlp.dense_h_to_4h"), "proj": linear(p + "mlp.dense_4h_to_h")}}
+        if c.shared_attention_norm:
+            block["norm_1"] = norm(p + "input_layernorm")
+        elif c.parallel_residual:
+            block.update(norm_1=norm(p + "ln_attn"), norm_2=norm(p + "ln_mlp"))
+        else:
+            block.update(norm_1=norm(p + "input_layernorm"), norm_2=norm(p + "post_attention_layernorm"))
+        return {"wte": Source(("transformer.word_embeddings.weight",)), "ln_f": norm("transformer.ln_f"),
+                "lm_head": linear("lm_head")}, block
+
+    if t == "gpt_neox":
+        p = "gpt_neox.layers.{i}."
+        qkv = lambda part: linear(p + "attention.query_key_value", part=("qkv", part, "grouped"))
+        block = {"norm_1": norm(p + "input_layernorm"), "norm_2": norm(p + "post_attention_layernorm"),
+                 "attn": {"q": qkv("q"), "k": qkv("k"), "v": qkv("v"), "proj": linear(p + "attention.dense")},
+                 "mlp": {"fc": linear(p + "mlp.dense_h_to_4h"), "proj": linear(p + "mlp.dense_4h_to_h")}}
+        # Older GPT-NeoX checkpoints (Pythia on the Hub) call the head `embed_out`.
+        head = {"kernel": Source(("lm_head.weight", "embed_out.weight"), transpose=True),
+                "bias": Source(("lm_head.bias", "embed_out.bias"))}
+        return {"wte": Source(("gpt_neox.embed_in.weight",)), "ln_f": norm("gpt_neox.final_layer_norm"),
+                "lm_head": head}, block
+    raise CheckpointError(f"no checkpoint key map for model_type {t!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading tensors
+
+
+class SafetensorsReader:
+    """Reads named tensors from `model.safetensors` or the shards named by its index, one at a time."""
+
+    def __init__(self, directory: Path):
+        single, index = directory / SINGLE_FILE, directory / INDEX_FILE
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError) as e:
+                raise CheckpointError(f"{index} is not a valid safetensors index (no readable weight_map): {e}") from None
+            self.files = {name: directory / file for name, file in weight_map.items()}
+            missing = sorted({str(f) for f in self.files.values() if not f.is_file()})
+            if missing:
+                raise CheckpointError(f"{index} names shard files that do not exist: {', '.join(missing)}")
+        elif single.is_file():
+            self.files = {name: single for name in self._keys(single)}
+        else:
+            raise CheckpointError(f"no {SINGLE_FILE} or {INDEX_FILE} in {directory}")
+        self.directory = directory
+        self._open: dict[Path, object] = {}
+
+    @staticmethod
+    def _keys(file: Path) -> list[str]:
+        from safetensors import safe_open
+        try:
+            with safe_open(str(file), framework="flax") as f:
+                return list(f.keys())
+        except Exception as e:  # safetensors raises its own error types for bad headers
+            raise CheckpointError(f"cannot read {file}: {e}") from None
+
+    def resolve(self, names: tuple[str, ...]) -> str:
+        for name in names:
+            if name in self.files:
+                return name
+        raise CheckpointError(f"tensor {names[0]} is missing from the checkpoint in {self.directory}")
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._handle(name).get_slice(name).get_shape())
+
+    def get(self, name: str) -> np.ndarray:
+        """The tensor as a host numpy array in its stored dtype (bf16 through ml_dtypes)."""
+        with jax.default_device(jax.devices("cpu")[0]):
+            return np.asarray(self._handle(name).get_tensor(name))
+
+    def _handle(self, name: str):
+        from safetensors import safe_open
+        file = self.files[name]
+        if file not in self._open:
+            try:
+                self._open[file] = safe_open(str(file), framework="flax")
+            except Exception as e:
+                raise CheckpointError(f"cannot read {file}: {e}") from None
+        return self._open[file]
+
+    def close(self) -> None:
+        self._open.clear()
+
+
+def _hf_shape(src: Source, ours: tuple[int, ...], config: ModelConfig) -> tuple[int, ...]:
+    """The shape the raw HF tensor must have for our (per-layer, per-expert) shape `ours`."""
+    shape = ours[::-1] if src.transpose and len(ours) == 2 else ours
+    if src.part is None:
+        return shape
+    rows = (config.n_head + 2 * config.n_query_groups) * config.head_size if src.part[0] == "qkv" else 2 * shape[0]
+    return (rows,) + shape[1:]
+
+
+def _cut(w: np.ndarray, part: tuple, config: ModelConfig) -> np.ndarray:
+    """The rows of a fused HF tensor [rows, ...] that belong to one of our layers."""
+    if part[0] == "halves":
+        half = w.shape[0] // 2
+        return w[:half] if part[1] == 0 else w[half:]
+    _, which, layout = part
+    hs, n_kv = config.head_size, config.n_query_groups
+    group = config.n_head // n_kv
+    if layout == "contiguous":  # q heads | k heads | v heads
+        q_rows = config.n_head * hs
+        bounds = {"q": (0, q_rows), "k": (q_rows, q_rows + n_kv * hs), "v": (q_rows + n_kv * hs, None)}
+        lo, hi = bounds[which]
+        return w[lo:hi]
+    # grouped: per kv head, `group` query heads then one k head then one v head
+    g = w.reshape((n_kv, group + 2, hs) + w.shape[1:])
+    sel = {"q": g[:, :group], "k": g[:, group], "v": g[:, group + 1]}[which]
+    return sel.reshape((-1,) + w.shape[1:])
+
+
+def _read(reader: SafetensorsReader, src: Source, ours: tuple[int, ...], config: ModelConfig, dtype,
+          layer: int | None) -> np.ndarray:
+    """One parameter (one layer's slice for block params) in our layout and `dtype`."""
+    if src.experts:
+        return np.stack([_read(reader, dataclasses.replace(src, names=tuple(n.replace("{e}", str(e)) for n in src.names),
+                                                           experts=0), ours[1:], config, dtype, layer)
+                         for e in range(src.experts)])
+    names = tuple(n.format(i=layer) if layer is not None else n for n in src.names)
+    name = reader.resolve(names)
+    expected, got = _hf_shape(src, ours, config), reader.shape(name)
+    if got != expected:
+        raise CheckpointError(f"tensor {name} has shape {list(got)} but the config.json implies {list(expected)}")
+    w = reader.get(name)
+    if src.part is not None:
+        w = _cut(w, src.part, config)
+    if src.transpose and w.ndim == 2:
+        w = w.T
+    return np.asarray(w, dtype=dtype)
+
+
+def _fill(abstract: dict, sources: dict, reader, config, dtype, n_layer: int | None, where: str) -> dict:
+    """Our nested param dict of ShapeDtypeStructs -> the same dict of arrays read from the checkpoint."""
+    out = {}
+    for key, leaf in abstract.items():
+        src = sources.get(key) if isinstance(sources, dict) else None
+        if src is None:
+            raise CheckpointError(f"no checkpoint tensor is mapped to parameter {where}{key} for model_type "
+                                  f"{config.model_type!r}")
+        if isinstance(leaf, dict):
+            out[key] = _fill(leaf, src, reader, config, dtype, n_layer, f"{where}{key}.")
+            continue
+        if n_layer is None:
+            out[key] = jnp.asarray(_read(reader, src, tuple(leaf.shape), config, dtype, None))
+            continue
+        stacked = np.empty(leaf.shape, dtype=dtype)  # [n_layer, ...]
+        for i in range(n_layer):
+            stacked[i] = _read(reader, src, tuple(leaf.shape[1:]), config, dtype, i)
+        out[key] = jnp.asarray(stacked)
+        del stacked
+    return out
+
+
+def load_model(path: str | os.PathLike, *, dtype="float32", lora: LoRAConfig = LoRAConfig(), compute_dtype=None,
+               remat: str = "none", scan_layers: bool = True, seed: int = 0) -> GPT:
+    """A `GPT` with the frozen weights of the HF checkpoint in `path` and freshly initialised LoRA.
+
+    dtype: the frozen weights' dtype (LoRA weights are fp32); compute_dtype: activations (default
+    `dtype`). LoRA A is drawn from `seed`, LoRA B is zero, so the model starts as the checkpoint.
+    """
+    directory = Path(path)
+    if not directory.is_dir():
+        raise CheckpointError(f"checkpoint directory {directory} does not exist")
+    config = ModelConfig.from_hf_config(directory)
+    reader = SafetensorsReader(directory)
+    dtype = jnp.dtype(dtype)
+
+    def build():
+        return GPT(config, lora, param_dtype=dtype, compute_dtype=compute_dtype, scan_layers=scan_layers,
+                   remat=remat, rngs=nnx.Rngs(seed))
+
+    graphdef, lora_abstract, base_abstract = nnx.split(nnx.eval_shape(build), nnx.LoRAParam, ...)
+    # Only the LoRA params are computed: XLA drops the unused frozen-weight initialisers.
+    lora_state = jax.jit(lambda: nnx.state(build(), nnx.LoRAParam))()
+    top, block = key_map(config)
+    base = base_abstract.to_pure_dict()
+    try:
+        filled = {k: _fill(v, block, reader, config, dtype, config.n_layer, "blocks.") if k == "blocks" else
+                  _fill({k: v}, top, reader, config, dtype, None, "")[k] for k, v in base.items()}
+    finally:
+        reader.close()
+    base_abstract.replace_by_pure_dict(filled)
+    del lora_abstract
+    return nnx.merge(graphdef, lora_state, base_abstract)
