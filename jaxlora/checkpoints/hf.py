@@ -285,12 +285,12 @@ def load_model(path: str | os.PathLike, *, dtype="float32", lora: LoRAConfig = L
     # Only the LoRA params are computed: XLA drops the unused frozen-weight initialisers.
     lora_state = jax.jit(lambda: nnx.state(build(), nnx.LoRAParam))()
     top, block = key_map(config)
-    base = base_abstract.to_pure_dict()
+    base = nnx.to_pure_dict(base_abstract)
     try:
         filled = {k: _fill(v, block, reader, config, dtype, config.n_layer, "blocks.") if k == "blocks" else
                   _fill({k: v}, top, reader, config, dtype, None, "")[k] for k, v in base.items()}
     finally:
         reader.close()
-    base_abstract.replace_by_pure_dict(filled)
+    nnx.replace_by_pure_dict(base_abstract, filled)
     del lora_abstract
     return nnx.merge(graphdef, lora_state, base_abstract)

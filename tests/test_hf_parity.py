@@ -1,0 +1,210 @@
+"""Parity with HF transformers (PyTorch, CPU, fp32) on tiny random configs of every supported family.
+
+Each case builds a 2-layer HF model with random weights (norm weights too, so a wrong norm
+mapping or a missing unit offset shows), saves it with `save_pretrained(safe_serialization=True)`,
+loads it with `jaxlora.load_model` and compares fp32 logits on the same tokens.
+Tolerance: 1e-4 absolute. Both sides compute in fp32 with different op orders (fused attention
+vs eager softmax, einsum vs matmul); the observed differences are ~1e-7 to 1e-6 on logits of
+magnitude ~1, so 1e-4 leaves margin without hiding a mapping error (those give errors ~1e-1).
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import jaxlora  # noqa: E402
+from jaxlora.errors import CheckpointError  # noqa: E402
+
+ATOL = 1e-4
+VOCAB = 96
+SEQ = 12
+
+_common = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64,
+               attn_implementation="eager")
+
+# name -> (HF config class name, kwargs). GQA wherever the family has it; sliding windows (4) shorter
+# than the sequence (12) so that the window is really exercised.
+FAMILIES = {
+    "llama": ("LlamaConfig", dict(intermediate_size=96, num_key_value_heads=2, tie_word_embeddings=False)),
+    "llama3.1-rope": ("LlamaConfig", dict(intermediate_size=96, num_key_value_heads=2, rope_theta=500000.0,
+                                          rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                                                            high_freq_factor=4.0,
+                                                            original_max_position_embeddings=16))),
+    "mistral": ("MistralConfig", dict(intermediate_size=96, num_key_value_heads=2, sliding_window=4)),
+    "mixtral": ("MixtralConfig", dict(intermediate_size=48, num_key_value_heads=2, num_local_experts=4,
+                                      num_experts_per_tok=2)),
+    "qwen2": ("Qwen2Config", dict(intermediate_size=96, num_key_value_heads=2, tie_word_embeddings=True)),
+    "phi": ("PhiConfig", dict(intermediate_size=96, partial_rotary_factor=0.5)),
+    "phi3": ("Phi3Config", dict(intermediate_size=96, num_key_value_heads=2, pad_token_id=0)),
+    "gemma": ("GemmaConfig", dict(intermediate_size=96, num_key_value_heads=1, head_dim=16)),
+    "gemma2": ("Gemma2Config", dict(intermediate_size=96, num_key_value_heads=2, head_dim=16, sliding_window=4,
+                                    query_pre_attn_scalar=24, attn_logit_softcapping=5.0,
+                                    final_logit_softcapping=3.0)),
+    "falcon": ("FalconConfig", dict(multi_query=True, bias=True)),
+    "falcon-new-arch": ("FalconConfig", dict(new_decoder_architecture=True, num_kv_heads=2)),
+    "gpt_neox": ("GPTNeoXConfig", dict(intermediate_size=96, rotary_pct=0.25)),
+    "gpt_neox-sequential": ("GPTNeoXConfig", dict(intermediate_size=96, rotary_pct=0.5, use_parallel_residual=False)),
+}
+
+
+def _randomize(model) -> None:
+    """Random weights everywhere, including norms (HF initialises them to 1 or 0)."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1 and ("norm" in name or "ln" in name):
+                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(0.08 * torch.randn(p.shape, generator=g))
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """name -> (checkpoint dir, HF model in eval mode)."""
+    out = {}
+    for name, (cls, kwargs) in FAMILIES.items():
+        config = getattr(transformers, cls)(**_common, **kwargs)
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(config).eval()
+        _randomize(model)
+        path = tmp_path_factory.mktemp(name)
+        model.save_pretrained(path, safe_serialization=True)
+        out[name] = (path, model)
+    return out
+
+
+def _tokens(batch=2, seq=SEQ, seed=0):
+    return np.random.RandomState(seed).randint(0, VOCAB, (batch, seq))
+
+
+def _hf_logits(model, ids, attention_mask=None):
+    with torch.no_grad():
+        kw = {} if attention_mask is None else dict(attention_mask=torch.tensor(attention_mask))
+        return model(torch.tensor(ids), **kw).logits.float().numpy()
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_logits_match_transformers(checkpoints, name):
+    path, hf_model = checkpoints[name]
+    model = jaxlora.load_model(path, dtype="float32")
+    ids = _tokens()
+    ours = np.asarray(model(jnp.asarray(ids, jnp.int32)))
+    ref = _hf_logits(hf_model, ids)
+    assert ours.shape[-1] >= VOCAB
+    np.testing.assert_allclose(ours[..., :VOCAB], ref, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma2", "gpt_neox"])
+def test_right_padding_matches_unpadded(checkpoints, name):
+    """Padding is masked: real-token logits of a right-padded row equal the unpadded row's."""
+    path, hf_model = checkpoints[name]
+    model = jaxlora.load_model(path, dtype="float32")
+    ids = _tokens(batch=2)
+    mask = np.ones_like(ids)
+    mask[1, 7:] = 0
+    ours = np.asarray(model(jnp.asarray(ids, jnp.int32), attention_mask=jnp.asarray(mask)))
+    alone = _hf_logits(hf_model, ids[1:, :7])
+    np.testing.assert_allclose(ours[1, :7, :VOCAB], alone[0], atol=ATOL, rtol=0)
+
+
+def test_left_padding_matches_unpadded(checkpoints):
+    path, hf_model = checkpoints["llama"]
+    model = jaxlora.load_model(path, dtype="float32")
+    ids = _tokens(batch=1)
+    padded = np.concatenate([np.zeros((1, 3), ids.dtype), ids[:, :9]], axis=1)
+    mask = np.concatenate([np.zeros((1, 3), int), np.ones((1, 9), int)], axis=1)
+    ours = np.asarray(model(jnp.asarray(padded, jnp.int32), attention_mask=jnp.asarray(mask)))
+    np.testing.assert_allclose(ours[0, 3:, :VOCAB], _hf_logits(hf_model, ids[:, :9])[0], atol=ATOL, rtol=0)
+
+
+def test_bf16_load_is_close(checkpoints):
+    """bf16 frozen weights and compute: same argmax almost everywhere, logits within bf16 error."""
+    path, hf_model = checkpoints["llama"]
+    model = jaxlora.load_model(path, dtype="bfloat16")
+    ids = _tokens()
+    ours = np.asarray(model(jnp.asarray(ids, jnp.int32)))
+    assert ours.dtype == np.float32  # logits are fp32 whatever the compute dtype
+    np.testing.assert_allclose(ours[..., :VOCAB], _hf_logits(hf_model, ids), atol=5e-2, rtol=0)
+
+
+def test_sharded_checkpoint(checkpoints, tmp_path):
+    """A sharded checkpoint (index + several files) loads to the same logits."""
+    _, hf_model = checkpoints["llama"]
+    hf_model.save_pretrained(tmp_path, safe_serialization=True, max_shard_size="20KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    model = jaxlora.load_model(tmp_path)
+    ids = _tokens()
+    np.testing.assert_allclose(np.asarray(model(jnp.asarray(ids, jnp.int32)))[..., :VOCAB], _hf_logits(hf_model, ids),
+                               atol=ATOL, rtol=0)
+
+
+def test_scan_and_unrolled_layers_agree(checkpoints):
+    path, _ = checkpoints["gemma2"]
+    ids = jnp.asarray(_tokens(), jnp.int32)
+    scanned = jaxlora.load_model(path)(ids)
+    unrolled = jaxlora.load_model(path, scan_layers=False)(ids)
+    np.testing.assert_allclose(np.asarray(scanned), np.asarray(unrolled), atol=1e-5, rtol=0)
+
+
+# --- bad checkpoints: one sentence naming what is wrong
+
+
+def test_missing_directory(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        jaxlora.load_model(tmp_path / "nope")
+
+
+def test_missing_weights(checkpoints, tmp_path):
+    path, _ = checkpoints["llama"]
+    (tmp_path / "config.json").write_text((path / "config.json").read_text())
+    with pytest.raises(CheckpointError, match="no model.safetensors or model.safetensors.index.json"):
+        jaxlora.load_model(tmp_path)
+
+
+def test_unsupported_model_type(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "bert", "vocab_size": 10}')
+    with pytest.raises(CheckpointError, match="unsupported model_type 'bert'.*supported: llama"):
+        jaxlora.load_model(tmp_path)
+
+
+def _rewrite(src, dst, edit):
+    from safetensors.numpy import load_file, save_file
+    tensors = load_file(str(src / "model.safetensors"))
+    edit(tensors)
+    save_file(tensors, str(dst / "model.safetensors"))
+    (dst / "config.json").write_text((src / "config.json").read_text())
+
+
+def test_missing_tensor_is_named(checkpoints, tmp_path):
+    path, _ = checkpoints["llama"]
+    _rewrite(path, tmp_path, lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
+    with pytest.raises(CheckpointError, match=r"tensor model\.layers\.1\.mlp\.up_proj\.weight is missing"):
+        jaxlora.load_model(tmp_path)
+
+
+def test_misshaped_tensor_names_both_shapes(checkpoints, tmp_path):
+    path, _ = checkpoints["llama"]
+
+    def shrink(t):
+        t["model.layers.0.self_attn.k_proj.weight"] = t["model.layers.0.self_attn.k_proj.weight"][:16]
+
+    _rewrite(path, tmp_path, shrink)
+    with pytest.raises(CheckpointError, match=r"k_proj\.weight has shape \[16, 64\] but the config.json implies "
+                                              r"\[32, 64\]"):
+        jaxlora.load_model(tmp_path)
+
+
+def test_corrupt_safetensors(checkpoints, tmp_path):
+    path, _ = checkpoints["llama"]
+    (tmp_path / "config.json").write_text((path / "config.json").read_text())
+    (tmp_path / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00not json")
+    with pytest.raises(CheckpointError, match="cannot read"):
+        jaxlora.load_model(tmp_path)
