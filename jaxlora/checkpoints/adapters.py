@@ -1,0 +1,105 @@
+"""Load a base checkpoint with a trained LoRA adapter: jaxlora's `lora.safetensors` or a PEFT adapter.
+
+An adapter is named by a finetune run directory (`<out_dir>/final/lora.safetensors`), a
+`lora.safetensors` file or the directory holding it, or a PEFT adapter directory
+(adapter_config.json + adapter_model.safetensors).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from flax.traverse_util import flatten_dict, unflatten_dict
+
+from jaxlora.checkpoints.hf import load_model
+from jaxlora.checkpoints.peft import CONFIG_FILE, lora_shapes, read_peft_adapter
+from jaxlora.errors import CheckpointError, ConfigError
+from jaxlora.models.config import ModelConfig
+from jaxlora.models.gpt import GPT
+from jaxlora.models.lora import LoRAConfig
+
+LORA_FILE = "lora.safetensors"
+
+
+def load_with_adapter(checkpoint_dir: str | os.PathLike, adapter: str | os.PathLike, *, dtype="float32",
+                      compute_dtype=None) -> GPT:
+    """The base checkpoint in `checkpoint_dir` with the LoRA adapter `adapter` (unmerged, LoRA weights fp32)."""
+    lora, params = read_adapter(checkpoint_dir, adapter)
+    model = load_model(checkpoint_dir, dtype=dtype, compute_dtype=compute_dtype, lora=lora)
+    set_lora_params(model, params, str(adapter))
+    return model
+
+
+def read_adapter(checkpoint_dir: str | os.PathLike, adapter: str | os.PathLike) -> tuple[LoRAConfig, dict]:
+    """(LoRAConfig, nested LoRA params as numpy) of `adapter`, checked against the base checkpoint's shapes."""
+    config = ModelConfig.from_hf_config(checkpoint_dir)
+    kind, path = resolve_adapter(adapter)
+    lora, params = read_peft_adapter(path, config) if kind == "peft" else read_lora_safetensors(path)
+    _check(flatten_dict(lora_shapes(config, lora), sep="."), flatten_dict(params, sep="."), str(path))
+    return lora, params
+
+
+def resolve_adapter(adapter: str | os.PathLike) -> tuple[str, Path]:
+    """-> ("jaxlora", the lora.safetensors file) or ("peft", the adapter directory)."""
+    path = Path(adapter)
+    if path.is_file():
+        if path.name == "adapter_model.safetensors":
+            return "peft", path.parent
+        return "jaxlora", path
+    for candidate in (path / "final" / LORA_FILE, path / LORA_FILE):
+        if candidate.is_file():
+            return "jaxlora", candidate
+    if (path / CONFIG_FILE).is_file():
+        return "peft", path
+    if not path.exists():
+        raise CheckpointError(f"adapter {path} does not exist")
+    raise CheckpointError(f"no adapter found in {path}: expected final/{LORA_FILE}, {LORA_FILE} or a PEFT "
+                          f"{CONFIG_FILE}")
+
+
+def read_lora_safetensors(path: str | os.PathLike) -> tuple[LoRAConfig, dict]:
+    """A jaxlora `lora.safetensors` -> (its LoRAConfig from the metadata, nested LoRA params as numpy)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            metadata = f.metadata() or {}
+            flat = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types
+        raise CheckpointError(f"cannot read {path}: {e}") from None
+    if "lora" not in metadata:
+        raise CheckpointError(f"{path} has no 'lora' metadata (the LoRA settings); it was not written by jaxlora")
+    try:
+        lora = LoRAConfig(**json.loads(metadata["lora"]))
+    except (ValueError, TypeError, ConfigError) as e:
+        raise CheckpointError(f"{path} has unreadable LoRA settings in its metadata: {e}") from None
+    return lora, unflatten_dict(flat, sep=".")
+
+
+def set_lora_params(model: GPT, params: dict, source: str) -> None:
+    """Replace `model`'s LoRA A/B by `params` (nested dict); every key and shape must match."""
+    state = nnx.state(model, nnx.LoRAParam)
+    expected = flatten_dict(nnx.to_pure_dict(state), sep=".")
+    given = flatten_dict(params, sep=".")
+    _check(expected, given, source)
+    arrays = {k: jnp.asarray(np.asarray(v), expected[k].dtype) for k, v in given.items()}
+    nnx.replace_by_pure_dict(state, unflatten_dict(arrays, sep="."))
+    nnx.update(model, state)
+
+
+def _check(expected: dict, given: dict, source: str) -> None:
+    """Flat LoRA param dicts: the same keys, the same shapes."""
+    missing, extra = sorted(set(expected) - set(given)), sorted(set(given) - set(expected))
+    if missing:
+        raise CheckpointError(f"{source} has no tensor for LoRA parameter {missing[0]}")
+    if extra:
+        raise CheckpointError(f"{source} has tensor {extra[0]}, which the model with its LoRA settings does not have")
+    for key, want in expected.items():
+        if tuple(given[key].shape) != tuple(want.shape):
+            raise CheckpointError(f"{source}: {key} has shape {list(given[key].shape)} but the base checkpoint "
+                                  f"implies {list(want.shape)}")

@@ -1,0 +1,331 @@
+"""LoRA adapters in PEFT's format (adapter_config.json + adapter_model.safetensors), both ways.
+
+Where our adapters live in HF terms comes from `hf.key_map`: every `LoRALinear` is a "site" whose
+kernel Source names the transformers module (`names[0]` minus ".weight"). PEFT stores
+`lora_A.weight` [r, in] and `lora_B.weight` [out, r] per module, with scale lora_alpha / r
+(or / sqrt(r) with rsLoRA), the same semantics as ours.
+
+Fused HF modules (Phi-3's qkv_proj and gate_up_proj, Falcon/GPT-NeoX query_key_value) hold
+several of our layers. Their independent adapters (A_p, B_p) become one PEFT adapter of rank
+k * r (k adapted parts): A = [A_1; ...; A_k] stacked along the rank, B block-structured (part p's
+rows, as `hf._cut` reads them, hold B_p in rank block p, zeros elsewhere), so B A = the
+per-part deltas exactly. The scale is kept through `rank_pattern` / `alpha_pattern`
+(alpha * k, or alpha * sqrt(k) with rsLoRA). The safetensors metadata records our LoRAConfig, so
+such a file loads back into rank-r adapters. A PEFT-trained fused adapter of rank r (dense A, B)
+loads into rank-r adapters on each part (A shared, B's rows of that part): also exact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+
+from jaxlora.checkpoints.hf import Source, _cut, _hf_shape, key_map
+from jaxlora.errors import CheckpointError
+from jaxlora.models.config import ModelConfig
+from jaxlora.models.lora import LoRAConfig
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+METADATA_KEY = "jaxlora_lora"  # safetensors metadata: our LoRAConfig as JSON
+PREFIX = "base_model.model."
+_ATTN_TARGETS = {"q": "query", "k": "key", "v": "value", "proj": "projection"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Site:
+    """One of our LoRALinear layers and the HF module holding its kernel."""
+
+    path: tuple[str, ...]  # e.g. ("blocks", "attn", "q"); its LoRA params are path + ("lora_a" | "lora_b")
+    target: str  # the LoRAConfig switch that adapts it
+    kernel: Source
+    layered: bool  # a block layer: params stacked [n_layer, ...], module name has "{i}"
+
+    @property
+    def module(self) -> str:
+        return self.kernel.names[0].removesuffix(".weight")
+
+    def module_at(self, layer: int | None) -> str:
+        return self.module.format(i=layer) if self.layered else self.module
+
+
+def lora_sites(config: ModelConfig) -> list[Site]:
+    """Every layer of `config`'s GPT that can carry a LoRA adapter, in key-map order."""
+    top, block = key_map(config)
+    sites = []
+
+    def walk(node: dict, path: tuple, layered: bool):
+        for key, value in node.items():
+            if isinstance(value, dict) and isinstance(value.get("kernel"), Source):
+                p = path + (key,)
+                target = "head" if p == ("lm_head",) else "mlp" if "mlp" in p else _ATTN_TARGETS[key]
+                sites.append(Site(p, target, value["kernel"], layered))
+            elif isinstance(value, dict):
+                walk(value, path + (key,), layered)
+
+    walk(top, (), False)
+    walk(block, ("blocks",), True)
+    return sites
+
+
+# ---------------------------------------------------------------------------------------------
+# Export
+
+
+def peft_tensors(config: ModelConfig, lora: LoRAConfig, params: dict) -> tuple[dict, dict[str, np.ndarray]]:
+    """Our LoRA params (nested dict, blocks stacked) -> (adapter_config fields, {PEFT key: fp32 array}).
+
+    CheckpointError where PEFT's format cannot express the adapters.
+    """
+    if not lora.targets:
+        raise CheckpointError("the model has no LoRA adapters to export")
+    modules: dict[str, list[tuple[Site, np.ndarray, np.ndarray]]] = {}
+    for site in lora_sites(config):
+        node = _get(params, site.path)
+        if not lora.rank_for(site.target) or node is None:
+            continue
+        if site.kernel.experts:
+            raise CheckpointError("LoRA on Mixtral's experts cannot be expressed in PEFT's format for transformers 5 "
+                                  "(its experts are fused 3-D parameters); train without lora_mlp to export to PEFT")
+        modules.setdefault(site.module, []).append(
+            (site, np.asarray(node["lora_a"], np.float32), np.asarray(node["lora_b"], np.float32)))
+    tensors, rank_pattern, alpha_pattern, targets = {}, {}, {}, {}
+    for module, parts in modules.items():
+        short = module.rsplit(".", 1)[-1]
+        k = len(parts)
+        if targets.setdefault(short, k) != k:
+            raise CheckpointError(f"PEFT's rank_pattern cannot give the modules named {short} different ranks")
+        if k > 1:
+            rank_pattern[short] = k * lora.r
+            alpha_pattern[short] = lora.alpha * (math.sqrt(k) if lora.use_rslora else k)
+        site = parts[0][0]
+        for i in range(config.n_layer) if site.layered else [None]:
+            at = (i,) if site.layered else ()
+            a, b = _fuse(config, [(s, a[at], b[at]) for s, a, b in parts])
+            name = PREFIX + site.module_at(i)
+            tensors[name + ".lora_A.weight"], tensors[name + ".lora_B.weight"] = a, b
+    fields = dict(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, use_rslora=lora.use_rslora,
+                  target_modules=sorted(targets), rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
+    return fields, tensors
+
+
+def _fuse(config: ModelConfig, parts: list[tuple[Site, np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """One module's PEFT (A [k r, in], B [out, k r]) from our parts' (a [in, r], b [r, out])."""
+    site, a, b = parts[0]
+    if site.kernel.part is None:
+        return np.ascontiguousarray(a.T), np.ascontiguousarray(b.T)
+    r = a.shape[-1]
+    rows = _hf_shape(site.kernel, (a.shape[0], b.shape[1]), config)[0]
+    big_a = np.ascontiguousarray(np.concatenate([p_a.T for _, p_a, _ in parts]))  # save_file writes raw buffers
+    big_b = np.zeros((rows, len(parts) * r), np.float32)
+    for j, (s, _, p_b) in enumerate(parts):
+        big_b[_cut(np.arange(rows), s.kernel.part, config), j * r:(j + 1) * r] = p_b.T
+    return big_a, big_b
+
+
+def write_peft_adapter(config: ModelConfig, lora: LoRAConfig, params: dict, out_dir: str | os.PathLike, *,
+                       base_model_name_or_path: str | None = None) -> Path:
+    """Write adapter_model.safetensors, then adapter_config.json (each atomically) into `out_dir`."""
+    from safetensors.numpy import save_file
+
+    fields, tensors = peft_tensors(config, lora, params)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    adapter_config = dict(peft_type="LORA", task_type="CAUSAL_LM", base_model_name_or_path=base_model_name_or_path,
+                          bias="none", fan_in_fan_out=False, inference_mode=True, init_lora_weights=True,
+                          modules_to_save=None, layers_to_transform=None, use_dora=False, **fields)
+    tmp = out / (WEIGHTS_FILE + ".tmp")
+    save_file(tensors, str(tmp), metadata={"format": "pt", METADATA_KEY: json.dumps(dataclasses.asdict(lora))})
+    os.replace(tmp, out / WEIGHTS_FILE)
+    tmp = out / (CONFIG_FILE + ".tmp")
+    tmp.write_text(json.dumps(adapter_config, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, out / CONFIG_FILE)
+    return out
+
+
+def save_peft_adapter(model, out_dir: str | os.PathLike, *, base_model_name_or_path: str | None = None) -> Path:
+    """Write `model`'s LoRA adapters (a jaxlora GPT) as a PEFT adapter directory; returns its path."""
+    from flax import nnx
+
+    params = nnx.to_pure_dict(nnx.state(model, nnx.LoRAParam))
+    return write_peft_adapter(model.config, model.lora, params, out_dir,
+                              base_model_name_or_path=base_model_name_or_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Import
+
+
+def read_peft_adapter(directory: str | os.PathLike, config: ModelConfig) -> tuple[LoRAConfig, dict]:
+    """A PEFT LoRA adapter directory -> (LoRAConfig, our nested LoRA params as numpy, blocks stacked)."""
+    from safetensors import safe_open
+
+    directory = Path(directory)
+    cfg = _read_adapter_config(directory / CONFIG_FILE)
+    file = directory / WEIGHTS_FILE
+    if not file.is_file():
+        raise CheckpointError(f"no {WEIGHTS_FILE} in {directory} (only safetensors PEFT adapters can be loaded)")
+    try:
+        with safe_open(str(file), framework="numpy") as f:
+            metadata = f.metadata() or {}
+            raw = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types
+        raise CheckpointError(f"cannot read {file}: {e}") from None
+    modules: dict[str, dict[str, np.ndarray]] = {}
+    for key, w in raw.items():
+        m = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.default)?\.weight", key)
+        if m is None:
+            raise CheckpointError(f"{file} holds {key}, which is not a LoRA A/B weight that jaxlora can load")
+        modules.setdefault(m[1], {})[m[2]] = w.astype(np.float32)
+    sites = lora_sites(config)
+    owners: dict[str, set[str]] = {}  # HF module name -> the targets of the sites it holds
+    for s in sites:
+        for i in range(config.n_layer) if s.layered else [None]:
+            owners.setdefault(s.module_at(i), set()).add(s.target)
+    for name, ab in modules.items():
+        if name not in owners:
+            raise CheckpointError(f"{file} adapts module {name}, which jaxlora cannot adapt for model_type "
+                                  f"{config.model_type!r}")
+        if len(ab) != 2:
+            raise CheckpointError(f"{file} has no lora_{({'A', 'B'} - set(ab)).pop()} weight for module {name}")
+    native = METADATA_KEY in metadata  # our own export: the rank blocks of fused modules follow our config
+    if native:
+        lora = LoRAConfig(**json.loads(metadata[METADATA_KEY]))
+        on = set(lora.targets)
+        stray = [name for name in modules if not owners[name] & on]
+        if stray:
+            raise CheckpointError(f"{file} adapts {stray[0]}, which its jaxlora metadata does not switch on")
+    else:
+        on = set().union(*(owners[name] for name in modules))
+        lora = _lora_config(cfg, modules, on)
+    shapes = lora_shapes(config, lora)
+    params: dict = {}
+    missing = []
+    for group in _group_by_module(sites, on).values():
+        layers = list(range(config.n_layer)) if group[0].layered else [None]
+        per_layer = []
+        for i in layers:
+            ab = modules.get(group[0].module_at(i))
+            if ab is None:
+                missing.append(group[0].module_at(i))
+                per_layer.append([None] * len(group))
+            else:
+                first = _get(shapes, group[0].path)
+                kernel_shape = (first["lora_a"].shape[-2], first["lora_b"].shape[-1])  # [in, out] of one layer
+                per_layer.append(_split(config, group, ab, lora, kernel_shape, native=native,
+                                        where=f"{file}: {group[0].module_at(i)}"))
+        for j, site in enumerate(group):
+            node = {}
+            for n, key in enumerate(("lora_a", "lora_b")):
+                shape = _get(shapes, site.path)[key].shape[1 if site.layered else 0:]
+                arrays = [np.zeros(shape, np.float32) if pl[j] is None else pl[j][n] for pl in per_layer]
+                node[key] = np.stack(arrays) if site.layered else arrays[0]
+            _put(params, site.path, node)
+    if missing:
+        log.warning("the PEFT adapter in %s does not adapt %s; they get zero (no-op) adapters because jaxlora "
+                    "switches LoRA on per target for all layers", directory, ", ".join(missing))
+    return lora, params
+
+
+def lora_shapes(config: ModelConfig, lora: LoRAConfig) -> dict:
+    """Our LoRA params' shapes for `config` and `lora` (nested dict of ShapeDtypeStructs), built abstractly."""
+    from flax import nnx
+
+    from jaxlora.models.gpt import GPT
+
+    model = nnx.eval_shape(lambda: GPT(config, lora, rngs=nnx.Rngs(0)))
+    return nnx.to_pure_dict(nnx.state(model, nnx.LoRAParam))
+
+
+def _get(tree: dict, path: tuple):
+    for key in path:
+        if not isinstance(tree, dict) or key not in tree:
+            return None
+        tree = tree[key]
+    return tree
+
+
+def _put(tree: dict, path: tuple, value) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+def _read_adapter_config(path: Path) -> dict:
+    if not path.is_file():
+        raise CheckpointError(f"no {CONFIG_FILE} in {path.parent}")
+    try:
+        cfg = json.loads(path.read_text())
+    except ValueError as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+    unsupported = [(cfg.get("peft_type", "LORA") != "LORA", f"peft_type {cfg.get('peft_type')!r} (only LORA)"),
+                   (cfg.get("use_dora"), "DoRA (use_dora)"), (cfg.get("bias", "none") != "none", "trained biases"),
+                   (cfg.get("lora_bias"), "lora_bias"), (cfg.get("modules_to_save"), "modules_to_save"),
+                   (cfg.get("fan_in_fan_out"), "fan_in_fan_out"), (cfg.get("target_parameters"), "target_parameters")]
+    for bad, what in unsupported:
+        if bad:
+            raise CheckpointError(f"{path} uses {what}, which jaxlora's LoRA cannot represent")
+    return cfg
+
+
+def _lora_config(cfg: dict, modules: dict, on: set[str]) -> LoRAConfig:
+    """The single (r, alpha) of a foreign PEFT adapter; CheckpointError when its modules disagree."""
+    pairs = {}
+    for name, ab in modules.items():
+        alpha = cfg.get("lora_alpha", 8)
+        for key, value in (cfg.get("alpha_pattern") or {}).items():
+            if re.match(rf"(.*\.)?({key})$", name):
+                alpha = value
+                break
+        pairs.setdefault((ab["A"].shape[0], float(alpha)), name)
+    if len(pairs) > 1:
+        shown = "; ".join(f"{m}: r={r}, alpha={a:g}" for (r, a), m in sorted(pairs.items()))
+        raise CheckpointError(f"the PEFT adapter uses several ranks or alphas ({shown}), but a jaxlora model has one")
+    (r, alpha), = pairs
+    return LoRAConfig(r=r, alpha=alpha, dropout=float(cfg.get("lora_dropout", 0.0)),
+                      use_rslora=bool(cfg.get("use_rslora", False)), **{t: True for t in on})
+
+
+def _group_by_module(sites: list[Site], on: set[str]) -> dict[str, list[Site]]:
+    groups: dict[str, list[Site]] = {}
+    for site in sites:
+        if site.target in on:
+            groups.setdefault(site.module, []).append(site)
+    return groups
+
+
+def _split(config: ModelConfig, group: list[Site], ab: dict, lora: LoRAConfig, kernel_shape: tuple[int, int], *,
+           native: bool, where: str) -> list[tuple[np.ndarray, np.ndarray]]:
+    """One module's PEFT (A [k r, in], B [out, k r]) -> each part's (a [in, r], b [r, out]).
+
+    kernel_shape: our [in, out] of the group's first part. native (our own export): part j owns
+    rank block j; otherwise every part shares A (k = 1).
+    """
+    r = lora.r
+    kernel = group[0].kernel
+    big_a, big_b = ab["A"], ab["B"]
+    k = len(group) if native and kernel.part is not None else 1
+    expected = ((k * r, kernel_shape[0]), (_hf_shape(kernel, kernel_shape, config)[0], k * r))
+    if (big_a.shape, big_b.shape) != expected:
+        raise CheckpointError(f"{where} has lora_A/lora_B shapes {list(big_a.shape)}/{list(big_b.shape)} but the "
+                              f"base checkpoint and rank imply {list(expected[0])}/{list(expected[1])}")
+    if kernel.part is None:
+        return [(big_a.T, big_b.T)]
+    rows = np.arange(big_b.shape[0])
+    out = []
+    for j, site in enumerate(group):
+        b = big_b[_cut(rows, site.kernel.part, config)]
+        cols = slice(j * r, (j + 1) * r)
+        if k > 1 and (np.any(b[:, :j * r]) or np.any(b[:, (j + 1) * r:])):
+            raise CheckpointError(f"{where} is not block-structured as its jaxlora metadata says")
+        out.append((big_a[cols].T, b[:, cols].T) if k > 1 else (big_a.T, b.T))
+    return out

@@ -1,0 +1,63 @@
+"""`jaxlora merge` and `jaxlora export-peft`: a trained adapter out as an HF checkpoint or a PEFT adapter.
+
+Heavy imports (jax, the model) happen inside the commands, so `jaxlora --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from jaxlora.errors import ConfigError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose mistakes raise ConfigError (the CLI's one-line `error: ...`, exit code 2)."""
+
+    def error(self, message: str):
+        raise ConfigError(f"jaxlora {self.prog.split()[-1]}: {message}")
+
+
+def _parse(name: str, argv: Sequence[str], *, dtype_help: str) -> argparse.Namespace:
+    p = _Parser(prog=f"jaxlora {name}")
+    p.add_argument("--checkpoint_dir", required=True, help="the base HF checkpoint directory")
+    p.add_argument("--adapter", required=True,
+                   help="a finetune out_dir (final/lora.safetensors), a lora.safetensors file, or a PEFT adapter dir")
+    p.add_argument("--out", required=True, help="the output directory (must not exist or be empty)")
+    if dtype_help:
+        p.add_argument("--dtype", default=None, help=dtype_help)
+    return p.parse_args(list(argv))
+
+
+def merge(argv: Sequence[str]) -> None:
+    """Fold a LoRA adapter into the base weights and write an HF checkpoint directory."""
+    args = _parse("merge", argv, dtype_help="stored dtype of the merged weights (default: the base checkpoint's)")
+    from jaxlora.checkpoints.adapters import load_with_adapter
+    from jaxlora.checkpoints.hf_export import TOKENIZER_FILES, save_hf_checkpoint
+    from jaxlora.models.lora import merge_lora
+
+    base = Path(args.checkpoint_dir)
+    hf_config = json.loads((base / "config.json").read_text()) if (base / "config.json").is_file() else None
+    dtype = args.dtype or (hf_config or {}).get("torch_dtype") or (hf_config or {}).get("dtype") or "float32"
+    # Frozen weights in the output dtype; merge_lora adds A B * scale in fp32 before casting back.
+    model = merge_lora(load_with_adapter(base, args.adapter, dtype=dtype))
+    extra = [base / f for f in TOKENIZER_FILES if (base / f).is_file()]
+    out = save_hf_checkpoint(model, args.out, dtype=dtype, hf_config=hf_config, extra_files=extra)
+    print(f"merged checkpoint written to {out}")
+
+
+def export_peft(argv: Sequence[str]) -> None:
+    """Write a LoRA adapter in PEFT's format (adapter_config.json, adapter_model.safetensors)."""
+    args = _parse("export-peft", argv, dtype_help="")
+    from jaxlora.checkpoints.adapters import read_adapter
+    from jaxlora.checkpoints.hf_export import atomic_directory
+    from jaxlora.checkpoints.peft import write_peft_adapter
+    from jaxlora.models.config import ModelConfig
+
+    config = ModelConfig.from_hf_config(args.checkpoint_dir)
+    lora, params = read_adapter(args.checkpoint_dir, args.adapter)
+    with atomic_directory(args.out) as tmp:
+        write_peft_adapter(config, lora, params, tmp, base_model_name_or_path=str(Path(args.checkpoint_dir).absolute()))
+    print(f"PEFT adapter written to {args.out}")

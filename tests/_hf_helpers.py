@@ -1,0 +1,88 @@
+"""Tiny random HF checkpoints of every supported family, for the export / PEFT interop tests (fp32, CPU)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+VOCAB = 64
+SEQ = 10
+
+_common = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64,
+               attn_implementation="eager")
+
+# name -> (HF config class, kwargs): GQA wherever the family has it, windows shorter than SEQ.
+FAMILIES = {
+    "llama": ("LlamaConfig", dict(intermediate_size=48, num_key_value_heads=2)),
+    "llama3.1-rope": ("LlamaConfig", dict(intermediate_size=48, num_key_value_heads=2, rope_theta=500000.0,
+                                          rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                                                            high_freq_factor=4.0,
+                                                            original_max_position_embeddings=16))),
+    "mistral": ("MistralConfig", dict(intermediate_size=48, num_key_value_heads=2, sliding_window=4)),
+    "mixtral": ("MixtralConfig", dict(intermediate_size=24, num_key_value_heads=2, num_local_experts=4,
+                                      num_experts_per_tok=2)),
+    "qwen2": ("Qwen2Config", dict(intermediate_size=48, num_key_value_heads=2, tie_word_embeddings=True)),
+    "phi": ("PhiConfig", dict(intermediate_size=48, partial_rotary_factor=0.5)),
+    "phi3": ("Phi3Config", dict(intermediate_size=48, num_key_value_heads=2, pad_token_id=0)),
+    "gemma": ("GemmaConfig", dict(intermediate_size=48, num_key_value_heads=1, head_dim=8)),
+    "gemma2": ("Gemma2Config", dict(intermediate_size=48, num_key_value_heads=2, head_dim=8, sliding_window=4,
+                                    query_pre_attn_scalar=12, attn_logit_softcapping=5.0,
+                                    final_logit_softcapping=3.0)),
+    "falcon": ("FalconConfig", dict(multi_query=True, bias=True)),
+    "falcon-new-arch": ("FalconConfig", dict(new_decoder_architecture=True, num_kv_heads=2)),
+    "gpt_neox": ("GPTNeoXConfig", dict(intermediate_size=48, rotary_pct=0.25)),
+    "gpt_neox-sequential": ("GPTNeoXConfig", dict(intermediate_size=48, rotary_pct=0.5, use_parallel_residual=False)),
+}
+
+
+def make_hf_model(name: str, seed: int = 0):
+    """A random HF model of family `name` in eval mode (norm weights random too)."""
+    import torch
+    import transformers
+
+    cls, kwargs = FAMILIES[name]
+    config = getattr(transformers, cls)(**_common, **kwargs)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if p.ndim == 1 and ("norm" in pname or "ln" in pname):
+                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(0.08 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def tokens(batch: int = 2, seq: int = SEQ, seed: int = 0) -> np.ndarray:
+    return np.random.RandomState(seed).randint(0, VOCAB, (batch, seq))
+
+
+def hf_logits(model, ids: np.ndarray) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        return model(torch.tensor(ids)).logits.float().numpy()
+
+
+def our_logits(model, ids: np.ndarray | None = None) -> np.ndarray:
+    """A jaxlora model's fp32 logits on `ids` (default `tokens()`), cut to the HF vocab."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    ids = tokens() if ids is None else ids
+    return np.asarray(nnx.jit(lambda m, x: m(x))(model, jnp.asarray(ids, jnp.int32)))[..., :VOCAB]
+
+
+def randomize_lora(model, seed: int = 1, scale: float = 0.1):
+    """Give every LoRA A and B of a jaxlora model random values (B is zero after init)."""
+    import jax
+    from flax import nnx
+
+    state = nnx.state(model, nnx.LoRAParam)
+    rng = np.random.RandomState(seed)
+    nnx.update(model, jax.tree.map(lambda x: (scale * rng.standard_normal(x.shape)).astype(x.dtype), state))
+    return model
