@@ -1,0 +1,181 @@
+"""`jaxlora generate`, `jaxlora chat` and `jaxlora evaluate`: a base checkpoint, optionally with a
+trained LoRA adapter, answering prompts or scored on a dataset split.
+
+Sampling defaults are LitGPT's (max_new_tokens 50, temperature 0.8, top_k 50, top_p 1);
+`--temperature 0` is greedy. The prompt style defaults to the one the checkpoint's name implies.
+Heavy imports (jax, the model) happen inside the commands, so `jaxlora --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from collections.abc import Iterable, Sequence
+
+from jaxlora.commands.interop import _Parser
+from jaxlora.errors import ConfigError
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint_dir", required=True, help="the base HF checkpoint directory")
+    p.add_argument("--adapter", default=None,
+                   help="a finetune out_dir, a lora.safetensors file or a PEFT adapter dir (default: the base alone)")
+    p.add_argument("--precision", default=None,
+                   help="bf16-true, 32-true, ... (default: bf16-true where the backend computes bf16, else 32-true)")
+
+
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max_new_tokens", type=int, default=50)
+    p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
+    p.add_argument("--top_k", type=int, default=50, help="0: no top-k filter")
+    p.add_argument("--top_p", type=float, default=1.0)
+    p.add_argument("--prompt_style", default=None, help="a prompt style name (default: from the checkpoint name)")
+    p.add_argument("--seed", type=int, default=1234)
+
+
+def _load(args):
+    """(model, tokenizer) of --checkpoint_dir [--adapter] in the --precision policy."""
+    from jaxlora.checkpoints.hf import load_model
+    from jaxlora.data import Tokenizer
+    from jaxlora.training.precision import resolve_precision
+
+    policy, _ = resolve_precision(args.precision)
+    kwargs = dict(dtype=policy.param_dtype, compute_dtype=policy.compute_dtype)
+    if args.adapter:
+        from jaxlora.checkpoints.adapters import load_with_adapter
+        model = load_with_adapter(args.checkpoint_dir, args.adapter, **kwargs)
+    else:
+        model = load_model(args.checkpoint_dir, **kwargs)
+    return model, Tokenizer(args.checkpoint_dir)
+
+
+def _decoding(args, model, tokenizer):
+    """(prompt style, generation kwargs) from the sampling flags."""
+    import jax
+
+    from jaxlora.data.sft import resolve_prompt_style
+    from jaxlora.generate import Sampling
+
+    style = resolve_prompt_style(args.prompt_style, model.config.name)
+    sampling = Sampling(temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p)
+    return style, dict(max_new_tokens=args.max_new_tokens, sampling=sampling,
+                       stop_tokens=style.stop_tokens(tokenizer), key=jax.random.key(args.seed))
+
+
+def generate(argv: Sequence[str]) -> None:
+    """Answer one or more prompts (a batch) with a base model or a finetuned adapter."""
+    p = _Parser(prog="jaxlora generate")
+    _model_args(p)
+    p.add_argument("--prompt", action="append", default=None,
+                   help="an instruction; repeat the flag for a batch (default: 'What food do llamas eat?')")
+    _sampling_args(p)
+    args = p.parse_args(list(argv))
+    from jaxlora.generate import generate as run
+
+    model, tokenizer = _load(args)
+    style, kwargs = _decoding(args, model, tokenizer)
+    prompts = args.prompt or ["What food do llamas eat?"]
+    t0 = time.perf_counter()
+    answers = run(model, [tokenizer.encode(style.apply(q)) for q in prompts], **kwargs)
+    seconds = time.perf_counter() - t0
+    for i, answer in enumerate(answers):
+        if len(answers) > 1:
+            print(f">> {prompts[i]}")
+        print(tokenizer.decode(answer))
+    n = sum(len(a) for a in answers)
+    print(f"{n} tokens in {seconds:.2f} s, compilation included", file=sys.stderr)
+
+
+def chat(argv: Sequence[str]) -> None:
+    """Chat in the terminal: each message gets a streamed reply (no history; empty line or !quit ends)."""
+    p = _Parser(prog="jaxlora chat")
+    _model_args(p)
+    _sampling_args(p)
+    args = p.parse_args(list(argv))
+    from jaxlora.generate import stream
+
+    model, tokenizer = _load(args)
+    style, kwargs = _decoding(args, model, tokenizer)
+    print("Type a message; an empty line, !quit or !exit ends the chat.", file=sys.stderr)
+    while True:
+        print(">> Prompt: ", end="", flush=True)
+        message = sys.stdin.readline()
+        if not message.strip() or message.strip() in ("!quit", "!exit"):
+            break
+        print(">> Reply: ", end="", flush=True)
+        print_streamed(tokenizer, stream(model, tokenizer.encode(style.apply(message.strip())), **kwargs))
+
+
+def print_streamed(tokenizer, tokens: Iterable[int]) -> None:
+    """Print the text of `tokens` as they come: decode all so far and print what is new (a token that
+    ends inside a multi-byte character waits for the next one)."""
+    ids, shown = [], ""
+    for token in tokens:
+        ids.append(token)
+        text = tokenizer.decode(ids)
+        if not text.endswith("\ufffd"):
+            print(text[len(shown):], end="", flush=True)
+            shown = text
+    print(tokenizer.decode(ids)[len(shown):], flush=True)
+
+
+def evaluate(argv: Sequence[str]) -> None:
+    """Loss and perplexity of a base model or a finetuned adapter on a dataset split."""
+    p = _Parser(prog="jaxlora evaluate",
+                epilog="Data flags are the finetune config's data fields, e.g. --data.json_path=FILE "
+                       "--data.val_split_fraction=0.1 --data.prompt_style=alpaca --data.mask_prompt=True; "
+                       "data.name defaults to json. With the same data flags the val split is finetune's.")
+    _model_args(p)
+    p.add_argument("--split", choices=("val", "train"), default="val")
+    p.add_argument("--batch_size", type=int, default=4)
+    p.add_argument("--max_seq_length", type=int, default=None, help="truncate examples (default: the model's context)")
+    p.add_argument("--max_iters", type=int, default=None, help="evaluate only the first batches (default: all)")
+    args, rest = p.parse_known_args(list(argv))
+    data_cfg = _data_config(rest)
+    from jaxlora.data import effective_seq_length, eval_batches, load_sft_splits
+    from jaxlora.models.lora import split_lora
+    from jaxlora.training.step import make_eval_step
+
+    model, tokenizer = _load(args)
+    max_seq_length = args.max_seq_length or model.config.block_size
+    train, val = load_sft_splits(data_cfg, tokenizer, max_seq_length, model_name=model.config.name)
+    examples = val if args.split == "val" else train
+    if not examples:
+        raise ConfigError(f"the {args.split} split is empty; choose --split=train or set --data.val_split_fraction")
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch_size must be >= 1, got {args.batch_size}")
+    graphdef, lora, base = split_lora(model)
+    eval_step = make_eval_step(graphdef)
+    batches = eval_batches(examples, args.batch_size, seq_len=effective_seq_length(examples, max_seq_length),
+                           pad_id=tokenizer.pad_id, ignore_index=data_cfg.ignore_index, max_iters=args.max_iters,
+                           length_bucket=data_cfg.length_bucket)
+    loss_sum, tokens, rows = 0.0, 0, 0
+    for batch in batches:
+        loss, count = eval_step(lora, base, batch)[:2]
+        loss_sum, tokens, rows = loss_sum + float(loss), tokens + int(count), rows + len(batch["input_ids"])
+    if tokens == 0:
+        raise ConfigError(f"the {args.split} split has no labelled tokens to score")
+    loss = loss_sum / tokens
+    print(f"{args.split} loss {loss:.4f}, perplexity {math.exp(min(loss, 700.0)):.3f} "
+          f"({tokens} tokens, {min(rows, len(examples))} examples)")
+
+
+def _data_config(flags: Sequence[str]):
+    """The finetune config's `data` section with --data.KEY=VALUE flags applied (data.name: json)."""
+    from jaxlora.config import apply_overrides, base_config
+
+    cfg = base_config()
+    cfg.data.name = "json"
+    overrides, args = [], iter(flags)
+    for flag in args:
+        if not flag.startswith("--data."):
+            raise ConfigError(f"unknown argument {flag!r}; data settings are --data.KEY=VALUE flags")
+        if "=" not in flag:
+            value = next(args, None)
+            if value is None:
+                raise ConfigError(f"{flag} needs a value: {flag}=VALUE")
+            flag = f"{flag}={value}"
+        overrides.append(flag.removeprefix("--"))
+    return apply_overrides(cfg, overrides).data
