@@ -8,11 +8,14 @@ added to COMMANDS.
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Callable, Sequence
 
 import ml_collections
 
+from jaxlora.commands import generate as generation
+from jaxlora.commands import interop
 from jaxlora.config import load_config, validate
 from jaxlora.errors import ConfigError, JaxloraError
 
@@ -62,6 +65,11 @@ def finetune(argv: Sequence[str]) -> None:
 
 COMMANDS: dict[str, Callable[[Sequence[str]], None]] = {
     "finetune": finetune,
+    "merge": interop.merge,
+    "export-peft": interop.export_peft,
+    "generate": generation.generate,
+    "chat": generation.chat,
+    "evaluate": generation.evaluate,
 }
 
 
@@ -75,9 +83,47 @@ def _help(argv: Sequence[str]) -> None:
     print(config_from_args([arg for arg in argv if arg not in ("-h", "--help")]))
 
 
+class _StdoutHandler(logging.StreamHandler):
+    """A StreamHandler on whatever `sys.stdout` is when a record comes (it may be replaced, as pytest does)."""
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+class _Formatter(logging.Formatter):
+    """`HH:MM:SS message`; warnings and errors also name their level and logger."""
+
+    def __init__(self):
+        super().__init__("%(asctime)s %(message)s", "%H:%M:%S")
+        self._warning = logging.Formatter("%(asctime)s %(levelname)s [%(name)s] %(message)s", "%H:%M:%S")
+
+    def format(self, record: logging.LogRecord) -> str:
+        return super().format(record) if record.levelno <= logging.INFO else self._warning.format(record)
+
+
+def _log_to_stdout() -> None:
+    """jaxlora's INFO lines (progress, metrics, results) and every library's warnings, once each, on stdout.
+
+    The handler sits on the root logger: absl (used by orbax) adds a stderr handler of its own to a
+    root logger that has none, which would print each line twice.
+    """
+    root = logging.getLogger()
+    if not any(isinstance(h, _StdoutHandler) for h in root.handlers):
+        handler = _StdoutHandler()
+        handler.setFormatter(_Formatter())
+        root.addHandler(handler)
+    logging.getLogger("jaxlora").setLevel(logging.INFO)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; exit code 0 on success, 2 (``SystemExit``) on a user mistake."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    _log_to_stdout()
     try:
         if not argv:
             print(_usage(), file=sys.stderr)
@@ -88,7 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if name not in COMMANDS:
             raise ConfigError(f"unknown command {name!r}; choose one of {', '.join(COMMANDS)}")
-        if "-h" in rest or "--help" in rest:
+        if name == "finetune" and ("-h" in rest or "--help" in rest):  # other commands: argparse's help
             _help(rest)
         else:
             COMMANDS[name](rest)

@@ -80,6 +80,7 @@ def base_config() -> ml_collections.ConfigDict:
     cfg.eval.initial_validation = False
     cfg.eval.final_validation = True
     cfg.eval.max_new_tokens = _optional(100, int)  # sample generation after validation; None: none
+    cfg.eval.exact_match = False  # also score teacher-forced exact match of the responses (needs mask_prompt)
 
     cfg.optimizer = ml_collections.ConfigDict()
     cfg.optimizer.name = "adamw"  # one of OPTIMIZERS (case-insensitive)
@@ -293,6 +294,9 @@ def validate(
     _check_train(cfg.train, model_block_size)
     accumulation_steps(cfg, data_parallel_size)
     _check_eval(cfg.eval, cfg.train.save_interval)
+    if cfg.eval.exact_match and not cfg.data.mask_prompt:
+        raise ConfigError("eval.exact_match scores the labelled tokens, which are the whole prompt unless "
+                          "data.mask_prompt=True; set --config.data.mask_prompt=True")
     _check_data(cfg.data)
     _check_checkpointing(cfg.checkpoint)
     _check_mesh(cfg.mesh)

@@ -18,11 +18,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
 from jaxlora.errors import CheckpointError
 from jaxlora.models.config import ModelConfig
 from jaxlora.models.gpt import GPT
 from jaxlora.models.lora import LoRAConfig
+from jaxlora.training.sharding import param_shardings
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -32,7 +34,9 @@ INDEX_FILE = "model.safetensors.index.json"
 class Source:
     """Where one of our parameters lives in an HF checkpoint.
 
-    names: candidate tensor names (first found wins), "{i}" = layer, "{e}" = expert.
+    names: candidate tensor names (first found wins), "{i}" = layer, "{e}" = expert. names[0] is the
+    transformers module's own name (PEFT's key), names[-1] the name `save_pretrained` writes; they
+    differ only where transformers serialises a legacy name (GPT-NeoX's head: lm_head / embed_out).
     part: None, ("qkv", "q"|"k"|"v", layout) to cut a fused attention tensor, or ("halves", 0|1)
     to cut a fused gate/up tensor. transpose: HF [out, in] -> our [in, out].
     """
@@ -123,7 +127,8 @@ def key_map(config: ModelConfig) -> tuple[dict, dict]:
         block = {"norm_1": norm(p + "input_layernorm"), "norm_2": norm(p + "post_attention_layernorm"),
                  "attn": {"q": qkv("q"), "k": qkv("k"), "v": qkv("v"), "proj": linear(p + "attention.dense")},
                  "mlp": {"fc": linear(p + "mlp.dense_h_to_4h"), "proj": linear(p + "mlp.dense_4h_to_h")}}
-        # Older GPT-NeoX checkpoints (Pythia on the Hub) call the head `embed_out`.
+        # The module is `lm_head` since transformers 5; checkpoints (Pythia on the Hub, and save_pretrained)
+        # name its weight `embed_out`.
         head = {"kernel": Source(("lm_head.weight", "embed_out.weight"), transpose=True),
                 "bias": Source(("lm_head.bias", "embed_out.bias"))}
         return {"wte": Source(("gpt_neox.embed_in.weight",)), "ln_f": norm("gpt_neox.final_layer_norm"),
@@ -176,7 +181,7 @@ class SafetensorsReader:
 
     def get(self, name: str) -> np.ndarray:
         """The tensor as a host numpy array in its stored dtype (bf16 through ml_dtypes)."""
-        with jax.default_device(jax.devices("cpu")[0]):
+        with jax.default_device(jax.local_devices(backend="cpu")[0]):  # this process's host device
             return np.asarray(self._handle(name).get_tensor(name))
 
     def _handle(self, name: str):
@@ -241,34 +246,47 @@ def _read(reader: SafetensorsReader, src: Source, ours: tuple[int, ...], config:
     return np.asarray(w, dtype=dtype)
 
 
-def _fill(abstract: dict, sources: dict, reader, config, dtype, n_layer: int | None, where: str) -> dict:
-    """Our nested param dict of ShapeDtypeStructs -> the same dict of arrays read from the checkpoint."""
+def _place(array: np.ndarray, sharding) -> jax.Array:
+    """A host array -> a device array; with a sharding, each device receives only its own shard."""
+    if sharding is None:
+        return jnp.asarray(array)
+    return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+
+
+def _fill(abstract: dict, sources: dict, reader, config, dtype, n_layer: int | None, where: str,
+          shardings: dict | None) -> dict:
+    """Our nested param dict of ShapeDtypeStructs -> the same dict of arrays read from the checkpoint,
+    each placed by the matching entry of `shardings` (None: on the default device)."""
     out = {}
     for key, leaf in abstract.items():
         src = sources.get(key) if isinstance(sources, dict) else None
         if src is None:
             raise CheckpointError(f"no checkpoint tensor is mapped to parameter {where}{key} for model_type "
                                   f"{config.model_type!r}")
+        sharding = None if shardings is None else shardings[key]
         if isinstance(leaf, dict):
-            out[key] = _fill(leaf, src, reader, config, dtype, n_layer, f"{where}{key}.")
+            out[key] = _fill(leaf, src, reader, config, dtype, n_layer, f"{where}{key}.", sharding)
             continue
         if n_layer is None:
-            out[key] = jnp.asarray(_read(reader, src, tuple(leaf.shape), config, dtype, None))
+            out[key] = _place(_read(reader, src, tuple(leaf.shape), config, dtype, None), sharding)
             continue
         stacked = np.empty(leaf.shape, dtype=dtype)  # [n_layer, ...]
         for i in range(n_layer):
             stacked[i] = _read(reader, src, tuple(leaf.shape[1:]), config, dtype, i)
-        out[key] = jnp.asarray(stacked)
+        out[key] = _place(stacked, sharding)
         del stacked
     return out
 
 
 def load_model(path: str | os.PathLike, *, dtype="float32", lora: LoRAConfig = LoRAConfig(), compute_dtype=None,
-               remat: str = "none", scan_layers: bool = True, seed: int = 0) -> GPT:
+               remat: str = "none", scan_layers: bool = True, seed: int = 0, mesh: Mesh | None = None) -> GPT:
     """A `GPT` with the frozen weights of the HF checkpoint in `path` and freshly initialised LoRA.
 
     dtype: the frozen weights' dtype (LoRA weights are fp32); compute_dtype: activations (default
     `dtype`). LoRA A is drawn from `seed`, LoRA B is zero, so the model starts as the checkpoint.
+    mesh: place each frozen weight sharded by `training.sharding.RULES` as it is read (every
+    process reads the tensors, each device receives only its shard, so no device ever holds a
+    whole stacked weight it does not own); None: on the default device. LoRA params stay there.
     """
     directory = Path(path)
     if not directory.is_dir():
@@ -286,9 +304,11 @@ def load_model(path: str | os.PathLike, *, dtype="float32", lora: LoRAConfig = L
     lora_state = jax.jit(lambda: nnx.state(build(), nnx.LoRAParam))()
     top, block = key_map(config)
     base = nnx.to_pure_dict(base_abstract)
+    shardings = None if mesh is None else param_shardings(base_abstract, mesh)
     try:
-        filled = {k: _fill(v, block, reader, config, dtype, config.n_layer, "blocks.") if k == "blocks" else
-                  _fill({k: v}, top, reader, config, dtype, None, "")[k] for k, v in base.items()}
+        filled = {k: _fill(v, block, reader, config, dtype, config.n_layer, "blocks.",
+                           None if shardings is None else shardings[k]) if k == "blocks" else
+                  _fill({k: v}, top, reader, config, dtype, None, "", shardings)[k] for k, v in base.items()}
     finally:
         reader.close()
     nnx.replace_by_pure_dict(base_abstract, filled)

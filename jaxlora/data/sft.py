@@ -113,6 +113,22 @@ def resolve_prompt_style(name: str | None, model_name: str | None) -> PromptStyl
     return prompt_style_for_model(model_name or "")
 
 
+def load_sft_records(data_cfg: Any) -> tuple[list[Record], list[Record]]:
+    """The (train, val) records of a data config, untokenized (fields as in ``load_sft_splits``)."""
+    name = str(_setting(data_cfg, "name", "json")).lower()
+    seed = int(_setting(data_cfg, "seed", 42))
+    val_split_fraction = getattr(data_cfg, "val_split_fraction", None)
+    if name == "json":
+        return load_json_splits(getattr(data_cfg, "json_path", None), val_split_fraction, seed)
+    return load_named_splits(
+        name,
+        download_dir=_setting(data_cfg, "download_dir", "data"),
+        url=getattr(data_cfg, "url", None),
+        val_split_fraction=val_split_fraction,
+        seed=seed,
+    )
+
+
 def load_sft_splits(
     data_cfg: Any,
     tokenizer: Tokenizer,
@@ -133,19 +149,7 @@ def load_sft_splits(
     * ``download_dir``: cache root for named sets, files land in ``<download_dir>/<name>/`` (``"data"``).
     * ``url``: replaces the named set's download URL.
     """
-    name = str(_setting(data_cfg, "name", "json")).lower()
-    seed = int(_setting(data_cfg, "seed", 42))
-    val_split_fraction = getattr(data_cfg, "val_split_fraction", None)
-    if name == "json":
-        train_records, val_records = load_json_splits(getattr(data_cfg, "json_path", None), val_split_fraction, seed)
-    else:
-        train_records, val_records = load_named_splits(
-            name,
-            download_dir=_setting(data_cfg, "download_dir", "data"),
-            url=getattr(data_cfg, "url", None),
-            val_split_fraction=val_split_fraction,
-            seed=seed,
-        )
+    train_records, val_records = load_sft_records(data_cfg)
     prompt_style = resolve_prompt_style(getattr(data_cfg, "prompt_style", None), model_name or tokenizer.model_name)
     settings = dict(
         max_seq_length=max_seq_length,

@@ -7,12 +7,17 @@ separate maps (fused HF tensors are split on load), so every projection has its 
 
 Dtypes: frozen weights in their stored dtype, activations in `compute_dtype`, norms, softmax and
 logits in fp32. Every parameter carries logical axis names (`out_sharding` metadata).
+
+Decoding: `init_cache` preallocates a `KVCache` and `forward_with_cache` runs new tokens against
+it. Both paths share every layer: the full forward is the cache path's special case of a sequence
+attending to itself (query slots = key slots = 0..t-1), so only the masks and the k/v source differ.
 """
 
 from __future__ import annotations
 
 import math
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -84,6 +89,33 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return jnp.concatenate([out, rest], axis=-1) if rest.shape[-1] else out
 
 
+@flax.struct.dataclass
+class KVCache:
+    """Keys and values of every layer for `max_len` token slots, filled left to right.
+
+    k, v: [n_layer, b, max_len, n_query_groups, head_size] (roped keys); valid: bool [b, max_len],
+    True where a slot holds a real token (False for padding and unfilled slots); index: int32 [],
+    the first unfilled slot.
+    """
+
+    k: jax.Array
+    v: jax.Array
+    valid: jax.Array
+    index: jax.Array
+
+
+def attention_masks(query_slots: jax.Array, key_valid: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Causal padding mask bool [b, 1, t, s] and slot distance int [1, 1, t, s] (query minus key).
+
+    query_slots: int [t], the slots of the queries; key_valid: bool [b, s], keys that are real tokens.
+    """
+    key_slots = jnp.arange(key_valid.shape[1])
+    causal = query_slots[None, :, None] >= key_slots[None, None, :]  # [1, t(query), s(key)]
+    mask = (causal & key_valid[:, None, :])[:, None]
+    distance = (query_slots[:, None] - key_slots[None, :])[None, None]
+    return mask, distance
+
+
 class Attention(nnx.Module):
     def __init__(self, config: ModelConfig, lora: LoRAConfig, param_dtype, rngs: nnx.Rngs):
         c = config
@@ -99,22 +131,38 @@ class Attention(nnx.Module):
         self.scale = 1.0 / math.sqrt(c.attention_scores_scalar or c.head_size)
         self.softcap = c.attention_logit_softcapping
 
-    def __call__(self, x, cos, sin, mask, keys):
-        """x [b, t, d]; mask bool [b, 1, t, t] (True = may attend); keys: 4 dropout keys or None."""
+    def __call__(self, x, cos, sin, mask, keys, cache=None, index=None):
+        """x [b, t, d] -> (y [b, t, d], new k/v or None); keys: 4 dropout keys or None.
+
+        Without `cache` the tokens attend to each other: mask bool [b, 1, t, t] (True = may attend).
+        With cache = (k, v) [b, s, n_kv, head_size] of this layer, this call's k/v are written at
+        slots index..index+t-1 and the queries attend to all s slots (mask [b, 1, t, s]); returns
+        this call's (k, v) [b, t, n_kv, head_size] in the cache dtype.
+        """
         b, t, _ = x.shape
         k0, k1, k2, k3 = keys if keys is not None else (None,) * 4
         q = self.q(x, dropout_key=k0).reshape(b, t, self.n_head, self.head_size)
         k = self.k(x, dropout_key=k1).reshape(b, t, self.n_kv, self.head_size)
         v = self.v(x, dropout_key=k2).reshape(b, t, self.n_kv, self.head_size)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if self.softcap is None:
-            y = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=self.scale)
-        else:
-            y = self._softcapped_attention(q, k, v, mask)
-        return self.proj(y.reshape(b, t, self.n_head * self.head_size), dropout_key=k3)
+        new_kv = None
+        if cache is not None:
+            new_kv = (k.astype(cache[0].dtype), v.astype(cache[1].dtype))
+            k, v = (jax.lax.dynamic_update_slice_in_dim(c, n, index, axis=1).astype(q.dtype)
+                    for c, n in zip(cache, new_kv))
+        # Under jax.checkpoint the backward pass recomputes the [b, heads, t, s] scores and probabilities
+        # from q, k, v (as flash attention does) instead of keeping 2-3 such tensors per layer.
+        y = jax.checkpoint(self._attention if self.softcap is None else self._softcapped_attention)(q, k, v, mask)
+        return self.proj(y.reshape(b, t, self.n_head * self.head_size), dropout_key=k3), new_kv
+
+    def _attention(self, q, k, v, mask):
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=self.scale)
 
     def _softcapped_attention(self, q, k, v, mask):
-        """Plain attention with tanh soft-capping of the scores (Gemma-2); scores in fp32."""
+        """Plain attention with tanh soft-capping of the scores (Gemma-2); scores in fp32.
+
+        q [b, t, n_head, hs]; k, v [b, s, n_kv, hs]; mask [b, 1, t, s].
+        """
         b, t, _, hs = q.shape
         q = q.reshape(b, t, self.n_kv, self.n_head // self.n_kv, hs)
         scores = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32) * self.scale
@@ -153,11 +201,16 @@ class MLP(nnx.Module):
         k0, k1, k2 = keys if keys is not None else (None,) * 3
         if self.kind == "LLaMAMoE":
             return self._moe(x, k0, k1, k2)
+        # The activation runs under jax.checkpoint: the backward pass recomputes it from the matmul
+        # outputs instead of keeping its intermediates (2-4 more [b, t, intermediate] tensors per layer).
         if self.kind == "GptNeoxMLP":
-            h = jax.nn.gelu(self.fc(x, dropout_key=k0), approximate=self.gelu_approximate)
+            h = jax.checkpoint(self._gelu)(self.fc(x, dropout_key=k0))
         else:
-            h = self._gated(self.fc_1(x, dropout_key=k0), self.fc_2(x, dropout_key=k1))
+            h = jax.checkpoint(self._gated)(self.fc_1(x, dropout_key=k0), self.fc_2(x, dropout_key=k1))
         return self.proj(h, dropout_key=k2)
+
+    def _gelu(self, h):
+        return jax.nn.gelu(h, approximate=self.gelu_approximate)
 
     def _gated(self, gate, up):
         if self.kind == "GemmaMLP":
@@ -194,10 +247,11 @@ class Block(nnx.Module):
         self.mlp = MLP(c, lora, param_dtype, rngs)
         self.post_mlp_norm = Norm(c.n_embd, c, param_dtype) if c.post_mlp_norm else None
 
-    def __call__(self, x, cos, sin, mask, dropout_key=None):
+    def __call__(self, x, cos, sin, mask, dropout_key=None, cache=None, index=None):
+        """x [b, t, d] -> (x [b, t, d], new k/v or None); cache/index as in `Attention`."""
         keys = None if dropout_key is None else tuple(jax.random.split(dropout_key, 7))
         h = self.norm_1(x)
-        attn = self.attn(h, cos, sin, mask, None if keys is None else keys[:4])
+        attn, new_kv = self.attn(h, cos, sin, mask, None if keys is None else keys[:4], cache, index)
         if self.post_attention_norm is not None:
             attn = self.post_attention_norm(attn)
         if self.parallel_residual:
@@ -208,7 +262,7 @@ class Block(nnx.Module):
         m = self.mlp(mlp_in, None if keys is None else keys[4:])
         if self.post_mlp_norm is not None:
             m = self.post_mlp_norm(m)
-        return x + attn + m if self.parallel_residual else x + m
+        return (x + attn + m if self.parallel_residual else x + m), new_kv
 
 
 class GPT(nnx.Module):
@@ -238,49 +292,99 @@ class GPT(nnx.Module):
         return self.logits(self.hidden_states(input_ids, positions=positions, attention_mask=attention_mask,
                                               dropout_key=dropout_key))
 
-    def hidden_states(self, input_ids, *, positions=None, attention_mask=None, dropout_key=None):
+    def hidden_states(self, input_ids, *, positions=None, attention_mask=None, dropout_key=None,
+                      batch_sharding=None):
         """Final-norm hidden states [b, t, n_embd] in the compute dtype.
 
         attention_mask: [b, t], 1 for real tokens, 0 for padding (left or right). positions default
         to the count of real tokens before each one. dropout_key enables LoRA dropout (training).
+        batch_sharding: a sharding of the [b, t, n_embd] residual stream (batch split, width whole)
+        imposed on the embedding output and on every block output, so that a mesh splits the batch
+        and gathers weights rather than splitting the width (None: placement left to XLA).
         """
-        c = self.config
         b, t = input_ids.shape
         valid = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
         if positions is None:
             positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0)
-        idx = jnp.arange(t)
-        causal = idx[None, :, None] >= idx[None, None, :]  # [1, t(query), t(key)]
-        base_mask = (causal & valid[:, None, :])[:, None]  # [b, 1, t, t]
-        distance = (idx[:, None] - idx[None, :])[None, None]
+        x, _ = self._blocks(input_ids, positions, jnp.arange(t), valid, dropout_key, batch_sharding=batch_sharding)
+        return self.ln_f(x)
+
+    def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
+        """An empty `KVCache` for `batch` rows of up to `max_len` tokens (dtype: default the compute dtype)."""
+        c = self.config
+        shape = (c.n_layer, batch, max_len, c.n_query_groups, c.head_size)
+        dtype = dtype or self.compute_dtype
+        return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), valid=jnp.zeros((batch, max_len), bool),
+                       index=jnp.zeros((), jnp.int32))
+
+    def forward_with_cache(self, input_ids, cache: KVCache, *, positions=None, attention_mask=None,
+                           last_only: bool = False) -> tuple[jax.Array, KVCache]:
+        """Run input_ids int32 [b, t] after the tokens already in `cache` -> (fp32 logits, new cache).
+
+        The tokens go to slots cache.index..cache.index+t-1 (the caller keeps them < max_len).
+        attention_mask [b, t]: 1 for real tokens, 0 for padding (left padding of a prompt batch).
+        positions default to the count of real tokens before each one, cached ones included.
+        Logits are [b, t, padded_vocab] or, with `last_only`, [b, 1, padded_vocab].
+        """
+        b, t = input_ids.shape
+        new_valid = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
+        if positions is None:
+            before = jnp.sum(cache.valid, axis=1, keepdims=True)
+            positions = jnp.maximum(before + jnp.cumsum(new_valid, axis=1) - 1, 0)
+        valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, new_valid, cache.index, axis=1)
+        x, (new_k, new_v) = self._blocks(input_ids, positions, cache.index + jnp.arange(t), valid, None,
+                                         (cache.k, cache.v), cache.index)
+        hidden = self.ln_f(x[:, -1:] if last_only else x)
+        k, v = (jax.lax.dynamic_update_slice_in_dim(c, n, cache.index, axis=2)
+                for c, n in ((cache.k, new_k), (cache.v, new_v)))
+        return self.logits(hidden), KVCache(k=k, v=v, valid=valid, index=cache.index + t)
+
+    def _blocks(self, input_ids, positions, query_slots, key_valid, dropout_key, cache=None, index=None, *,
+                batch_sharding=None):
+        """Embedding and all blocks -> (x [b, t, d] before the final norm, new k/v stacked over layers or None).
+
+        query_slots int [t] and key_valid bool [b, s] define the masks (`attention_masks`); cache:
+        None, or (k, v) [n_layer, b, s, n_kv, hs] read one layer at a time by the scan.
+        """
+        c = self.config
+        base_mask, distance = attention_masks(query_slots, key_valid)
         cos, sin = rope_tables(positions, rope_inv_freq(c))
 
+        constrain = ((lambda a: a) if batch_sharding is None else
+                     (lambda a: jax.lax.with_sharding_constraint(a, batch_sharding)))
         x = self.wte[...][input_ids].astype(self.compute_dtype)
         if c.scale_embeddings:
             x = x * jnp.asarray(math.sqrt(c.n_embd), self.compute_dtype)
+        x = constrain(x)
 
         windows = jnp.asarray([c.sliding_window_for_layer(i) or 0 for i in range(c.n_layer)], jnp.int32)
         layer_keys = None if dropout_key is None else jax.random.split(dropout_key, c.n_layer)
         graphdef, block_state = nnx.split(self.blocks)
 
         def body(h, layer):
-            state, window, key = layer
+            state, window, key, kv = layer
             mask = base_mask & ((window == 0) | (distance < window))
-            return nnx.merge(graphdef, state)(h, cos, sin, mask, key), None
+            h, new_kv = nnx.merge(graphdef, state)(h, cos, sin, mask, key, kv, index)
+            return constrain(h), new_kv
 
         if self.remat != "none":
             policy = None if self.remat == "block" else getattr(jax.checkpoint_policies, self.remat)
             body = jax.checkpoint(body, policy=policy, prevent_cse=not self.scan_layers)
+        xs = (block_state, windows, layer_keys, cache)
         if self.scan_layers:
-            x, _ = jax.lax.scan(body, x, (block_state, windows, layer_keys))
-        else:
-            for i in range(c.n_layer):
-                x, _ = body(x, jax.tree.map(lambda a: a[i], (block_state, windows, layer_keys)))
-        return self.ln_f(x)
+            return jax.lax.scan(body, x, xs)
+        new_kv = []
+        for i in range(c.n_layer):
+            x, kv = body(x, jax.tree.map(lambda a: a[i], xs))
+            new_kv.append(kv)
+        return x, jax.tree.map(lambda *a: jnp.stack(a), *new_kv) if cache is not None else None
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """hidden [..., n_embd] -> fp32 logits [..., padded_vocab_size] (final soft-capping applied)."""
-        kernel = self.wte[...].T if self.lm_head.kernel is None else None
-        y = self.lm_head(hidden, kernel=kernel, out_dtype=jnp.float32)
+        if self.lm_head.kernel is None:  # tied: contract the [vocab, embd] embedding as stored; a transposed
+            # view is copied whole when it enters the loss-chunk loop (XLA gives loop operands the default layout)
+            y = self.lm_head(hidden, kernel=self.wte[...], kernel_spec="...i,oi->...o", out_dtype=jnp.float32)
+        else:
+            y = self.lm_head(hidden, out_dtype=jnp.float32)
         cap = self.config.final_logit_softcapping
         return jnp.tanh(y / cap) * cap if cap else y

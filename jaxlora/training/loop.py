@@ -36,8 +36,10 @@ from jaxlora.models.lora import LoRAConfig, split_lora
 from jaxlora.training import metrics as run_metrics
 from jaxlora.training.optim import make_optimizer
 from jaxlora.training.precision import backend_supports_bf16, resolve_precision
-from jaxlora.training.sharding import (BATCH_SPEC, EVAL_BATCH_SPEC, data_parallel_size, global_batch_from_local,
-                                       initialize_distributed, make_mesh, replicate)
+from jaxlora.training.sharding import (BATCH_SPEC, EVAL_BATCH_SPEC, batch_slice, data_parallel_size,
+                                       global_batch_from_local, host_copy, initialize_distributed, make_mesh,
+                                       mesh_shape, param_shardings, place, replicate, shard_params,
+                                       train_state_shardings)
 from jaxlora.training.step import TrainState, init_train_state, make_eval_step, make_train_step
 
 log = logging.getLogger(__name__)
@@ -75,7 +77,8 @@ def fit(state: TrainState, base, *, train_step, eval_step, train_batches: Iterat
         val_batches: Iterable[dict] | Callable[[], Iterable[dict]] | None = None,
         schedule: Callable[[int], Any] | None = None, checkpoints=None,
         data_position: Callable[[], dict] | None = None, run_config: dict | None = None,
-        flops_per_token: float | None = None, peak_flops: float | None = None) -> FitResult:
+        flops_per_token: float | None = None, peak_flops: float | None = None,
+        sample: Callable[[Any, int], None] | None = None) -> FitResult:
     """Train from `state` until `settings.max_steps`, the end of `train_batches`, or `max_time`.
 
     train_batches: this process's rows of each optimizer step's batch, numpy
@@ -85,6 +88,7 @@ def fit(state: TrainState, base, *, train_step, eval_step, train_batches: Iterat
     checkpoints: a `checkpoints.orbax.CheckpointManager` (None: no saving); data_position()
       gives the iterator position after the current step's batch, saved with the state.
     flops_per_token / peak_flops: for MFU in the summary (see `metrics`); None: no MFU.
+    sample(lora, step): called after each validation in the loop (e.g. `validation_sample`).
     """
     s = settings
     out_dir = Path(out_dir)
@@ -99,12 +103,14 @@ def fit(state: TrainState, base, *, train_step, eval_step, train_batches: Iterat
     times: list[float] = []  # seconds per step
     step_tokens: list[int] = []  # input tokens (padding included) per step
     tokens = 0
-    val_loss = None
+    val_loss = val_exact = None
+    initial = {}  # the initial validation's loss and exact match, for the summary
     t_begin = time.perf_counter()
     try:
         if s.initial_validation and val_batches is not None:
-            val_loss = validate(state.lora, None)
-            _log_val(writer, start_step, val_loss)
+            val_loss, val_exact = validate(state.lora, None)
+            initial = {"initial_val_loss": val_loss, "initial_val_exact_match": val_exact}
+            _log_val(writer, start_step, val_loss, val_exact)
         nxt = _next_batch(train_batches, mesh, data_position) if step < s.max_steps else None
         t_last = time.perf_counter()
         while nxt is not None:
@@ -124,17 +130,19 @@ def fit(state: TrainState, base, *, train_step, eval_step, train_batches: Iterat
 
             out_of_time = _all_agree(s.max_time is not None and now - t_begin >= s.max_time)
             last = nxt is None or out_of_time
-            val = None
+            val = exact = None
             if last and s.final_validation and val_batches is not None:
-                val = validate(state.lora, None)
+                val, exact = validate(state.lora, None)
             elif s.eval_interval and step % s.eval_interval == 0 and val_batches is not None:
-                val = validate(state.lora, s.eval_max_iters)
+                val, exact = validate(state.lora, s.eval_max_iters)
             if val is not None:
-                val_loss = val
+                val_loss, val_exact = val, exact
+                if sample is not None:
+                    sample(state.lora, step)
             if step % s.log_interval == 0 or last or val is not None:
                 lr = None if schedule is None else float(schedule(step - 1))
                 row = interval.row(step, lr, tokens, position, elapsed=now - t_begin)
-                row.update(_val_columns(val))
+                row.update(_val_columns(val, exact))
                 writer.write(row)
                 _log_row(row, s.max_steps)
             if checkpoints is not None and (last or (s.save_interval and step % s.save_interval == 0)):
@@ -150,6 +158,7 @@ def fit(state: TrainState, base, *, train_step, eval_step, train_batches: Iterat
         if checkpoints is not None:
             checkpoints.wait_until_finished()  # also on errors: earlier saves must complete
     summary = _summary(times, step_tokens, step, start_step, val_loss, flops_per_token, peak_flops)
+    summary.update(initial, **({"val_exact_match": val_exact} if val_exact is not None else {}))
     if primary:
         _log_summary(summary)
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -167,8 +176,9 @@ def _next_batch(batches: Iterator[dict], mesh, data_position) -> tuple[dict, dic
     return batch, position
 
 
-def _validate(eval_step, base, val_batches, mesh, lora, max_iters: int | None) -> float | None:
-    """Token-weighted mean validation loss over the first `max_iters` batches (None: all)."""
+def _validate(eval_step, base, val_batches, mesh, lora, max_iters: int | None) -> tuple[float | None, float | None]:
+    """(token-weighted mean validation loss, exact-match fraction of the scored examples) over the first
+    `max_iters` batches (None: all); exact match is None unless `eval_step` reports it (`make_eval_step`)."""
     batches = val_batches() if callable(val_batches) else val_batches
     sums = []
     for i, local in enumerate(batches):
@@ -177,11 +187,14 @@ def _validate(eval_step, base, val_batches, mesh, lora, max_iters: int | None) -
         batch = {k: global_batch_from_local(np.asarray(v), mesh, EVAL_BATCH_SPEC) for k, v in local.items()}
         sums.append(eval_step(lora, base, batch))
     sums = jax.device_get(sums)
-    total, count = sum(float(loss) for loss, _ in sums), sum(int(c) for _, c in sums)
+    total, count = sum(float(s[0]) for s in sums), sum(int(s[1]) for s in sums)
     if count == 0:
         log.warning("validation found no tokens with labels: no val loss")
-        return None
-    return total / count
+        return None, None
+    exact = None
+    if sums and len(sums[0]) == 4:
+        exact = sum(int(s[2]) for s in sums) / max(sum(int(s[3]) for s in sums), 1)
+    return total / count, exact
 
 
 def _check_finite(step: int, m: dict) -> None:
@@ -225,18 +238,20 @@ class _Interval:
         return row
 
 
-def _val_columns(val_loss: float | None) -> dict:
+def _val_columns(val_loss: float | None, exact: float | None = None) -> dict:
     if val_loss is None:
         return {}
-    return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 700.0))}
+    columns = {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 700.0))}
+    return columns if exact is None else {**columns, "val_exact_match": exact}
 
 
-def _log_val(writer, step: int, val_loss: float | None) -> None:
+def _log_val(writer, step: int, val_loss: float | None, exact: float | None) -> None:
     if val_loss is None:
         return
-    row = {"step": step, **_val_columns(val_loss)}
+    row = {"step": step, **_val_columns(val_loss, exact)}
     writer.write(row)
-    log.info("step %d: val loss %.4f, val ppl %.2f", step, row["val_loss"], row["val_ppl"])
+    text = f"step {step}: val loss {row['val_loss']:.4f}, val ppl {row['val_ppl']:.2f}"
+    log.info(text + ("" if exact is None else f", val exact match {100 * exact:.1f}%"))
 
 
 def _log_row(row: dict, max_steps: int) -> None:
@@ -246,6 +261,8 @@ def _log_row(row: dict, max_steps: int) -> None:
         text += f", lr {row['lr']:.3e}"
     if "val_loss" in row:
         text += f", val loss {row['val_loss']:.4f}, val ppl {row['val_ppl']:.2f}"
+    if "val_exact_match" in row:
+        text += f", val exact match {100 * row['val_exact_match']:.1f}%"
     log.info(text)
 
 
@@ -270,6 +287,13 @@ def _log_summary(summary: dict) -> None:
              "n/a" if tps is None else f"{tps:.0f}", " (first step excluded)" if summary["steps"] > 1 else "",
              "n/a" if mem is None else f"{mem / 2**30:.2f} GiB", summary["peak_memory_source"],
              "n/a" if mfu is None else f"{100 * mfu:.1f}%")
+    before, after = summary.get("initial_val_loss"), summary["val_loss"]
+    if before is not None and after is not None:
+        text = f"validation before -> after training: loss {before:.4f} -> {after:.4f}"
+        exact_before, exact_after = summary.get("initial_val_exact_match"), summary.get("val_exact_match")
+        if exact_before is not None and exact_after is not None:
+            text += f", exact match {100 * exact_before:.1f}% -> {100 * exact_after:.1f}%"
+        log.info(text)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -288,10 +312,14 @@ def finetune(cfg) -> FitResult:
     from jaxlora.config import accumulation_steps, validate
     from jaxlora.data import BatchIterator, Tokenizer, effective_seq_length, eval_batches, load_sft_splits
     from jaxlora.data import steps_per_epoch
+    from jaxlora.data.sft import resolve_prompt_style
+    from jaxlora.training.samples import Sampler
 
     t = cfg.train
     d = cfg.distributed
     initialize_distributed(d.coordinator_address, d.num_processes, d.process_id)
+    if jax.process_index() != 0:  # one log for the whole run
+        logging.getLogger("jaxlora").setLevel(logging.WARNING)
     policy, message = resolve_precision(cfg.precision)
     log.info(message)
     mesh = mesh_from_config(cfg.mesh)
@@ -306,10 +334,10 @@ def finetune(cfg) -> FitResult:
                              key=cfg.lora_key, value=cfg.lora_value, projection=cfg.lora_projection,
                              mlp=cfg.lora_mlp, head=cfg.lora_head, use_rslora=cfg.use_rslora)
     model = load_model(cfg.checkpoint_dir, dtype=policy.param_dtype, compute_dtype=policy.compute_dtype,
-                       lora=lora_config, remat=t.remat)
+                       lora=lora_config, remat=t.remat, mesh=mesh)
     graphdef, lora_params, base = split_lora(model)
     del model
-    base = replicate(base, mesh)
+    base = shard_params(base, mesh)  # already placed by load_model: a no-op
     n_lora = sum(x.size for x in jax.tree.leaves(lora_params))
 
     tokenizer = Tokenizer(cfg.checkpoint_dir)
@@ -325,7 +353,9 @@ def finetune(cfg) -> FitResult:
         warmup_fraction=t.lr_warmup_fraction, min_lr=t.min_lr, max_norm=t.max_norm,
         multisteps=accum if t.grad_accumulation == "multisteps" else None)
 
-    state = replicate(init_train_state(lora_params, tx), mesh)
+    state = init_train_state(lora_params, tx)
+    state_sharding = train_state_shardings(state, param_shardings(lora_params, mesh), tx)
+    state = place(state, state_sharding)
     key = replicate(jax.random.key(cfg.seed), mesh)
     position = {"epoch": 0, "index": 0, "seed": cfg.seed}
     c = cfg.checkpoint
@@ -342,9 +372,9 @@ def finetune(cfg) -> FitResult:
             position = restored.data_position or position
             log.info("resuming from step %d of %s", restored.step, source.directory)
 
+    slice_index, slice_count = batch_slice(mesh)  # which rows of each global batch this process loads
     data = dict(seq_len=seq_len, pad_id=tokenizer.pad_id, ignore_index=cfg.data.ignore_index,
-                length_bucket=cfg.data.length_bucket, process_index=jax.process_index(),
-                process_count=jax.process_count())
+                length_bucket=cfg.data.length_bucket, process_index=slice_index, process_count=slice_count)
     batches = BatchIterator(train_data, t.global_batch_size, seed=position["seed"], epoch=position["epoch"],
                             index=position["index"], drop_last=False, **data)
     val_rows = t.micro_batch_size * dp
@@ -357,31 +387,75 @@ def finetune(cfg) -> FitResult:
         eval_max_iters=cfg.eval.max_iters, initial_validation=cfg.eval.initial_validation,
         final_validation=cfg.eval.final_validation, save_interval=t.save_interval, csv=cfg.logger.csv,
         tensorboard=cfg.logger.tensorboard)
+    sampler = None
+    if cfg.eval.max_new_tokens and val_data:
+        stops = resolve_prompt_style(cfg.data.prompt_style, model_config.name).stop_tokens(tokenizer)
+        sampler = Sampler(graphdef, base, val_data, tokenizer, stops, max_new_tokens=cfg.eval.max_new_tokens,
+                          ignore_index=cfg.data.ignore_index)
+        if cfg.eval.initial_validation:
+            sampler.generate("before", state.lora)
     try:
         result = fit(
-            state, base, train_step=make_train_step(graphdef, tx, accum_steps=accum, mode=t.grad_accumulation),
-            eval_step=make_eval_step(graphdef), train_batches=step_batches(batches, accum), key=key, mesh=mesh,
+            state, base, train_step=make_train_step(graphdef, tx, accum_steps=accum, mode=t.grad_accumulation,
+                                                    state_sharding=state_sharding),
+            eval_step=make_eval_step(graphdef, mesh=mesh, exact_match=cfg.eval.exact_match),
+            train_batches=step_batches(batches, accum), key=key, mesh=mesh,
             settings=settings, out_dir=cfg.out_dir, val_batches=val_batches, schedule=schedule,
             checkpoints=checkpoints, data_position=batches.position, run_config=json.loads(cfg.to_json_best_effort()),
             flops_per_token=run_metrics.model_flops_per_token(model_config, n_lora, seq_len),
-            peak_flops=run_metrics.device_peak_flops(dtype=policy.compute_dtype))
+            peak_flops=run_metrics.device_peak_flops(dtype=policy.compute_dtype),
+            sample=validation_sample(cfg, graphdef, base, tokenizer, model_config.name, max_seq_length))
     finally:
         checkpoints.close()
-    save_lora_safetensors(result.state.lora, Path(cfg.out_dir) / "final" / "lora.safetensors",
+    if sampler is not None:
+        sampler.generate("after", result.state.lora)
+        sampler.write(cfg.out_dir)
+    final_lora = host_copy(result.state.lora)  # a collective: every process takes part
+    save_lora_safetensors(final_lora, Path(cfg.out_dir) / "final" / "lora.safetensors",
                           metadata={"step": str(result.step), "lora": json.dumps(dataclasses.asdict(lora_config))})
+    if jax.process_index() == 0:  # the same adapter in PEFT's format, where PEFT can express it
+        from jaxlora.checkpoints.peft import write_peft_adapter
+        from jaxlora.errors import CheckpointError
+        try:
+            write_peft_adapter(model_config, lora_config, final_lora, Path(cfg.out_dir) / "final",
+                               base_model_name_or_path=str(Path(cfg.checkpoint_dir).absolute()))
+        except CheckpointError as e:
+            log.warning("no PEFT adapter written: %s", e)
     return result
 
 
+def validation_sample(cfg, graphdef, base, tokenizer, model_name: str, max_seq_length: int):
+    """-> sample(lora, step) that logs the greedy answer to the first validation instruction (else the
+    first training one) in the run's prompt style, as LitGPT's generate_example; None when
+    `eval.max_new_tokens` is unset or the prompt plus max_new_tokens exceeds `max_seq_length`."""
+    from flax import nnx
+
+    from jaxlora.data.sft import load_sft_records, resolve_prompt_style
+    from jaxlora.generate import generate
+
+    n = cfg.eval.max_new_tokens
+    if not n:
+        return None
+    train_records, val_records = load_sft_records(cfg.data)
+    instruction = (val_records or train_records)[0]["instruction"]
+    style = resolve_prompt_style(cfg.data.prompt_style, model_name)
+    prompt = tokenizer.encode(style.apply(instruction))
+    if len(prompt) + n > max_seq_length:
+        log.info("no sample answers at validation: the prompt (%d tokens) plus eval.max_new_tokens (%d) exceeds "
+                 "the sequence length %d", len(prompt), n, max_seq_length)
+        return None
+    stops = style.stop_tokens(tokenizer)
+
+    def sample(lora, step: int) -> None:
+        (answer,) = generate(nnx.merge(graphdef, lora, base), [prompt], max_new_tokens=n, stop_tokens=stops)
+        log.info("step %d sample answer to %r: %r", step, instruction, tokenizer.decode(answer))
+
+    return sample
+
+
 def mesh_from_config(mesh_cfg):
-    """The data-parallel mesh of `cfg.mesh` (data: a device count, -1 = all); fsdp/tensor axes come later."""
-    if mesh_cfg.fsdp != 1 or mesh_cfg.tensor != 1:
-        raise ConfigError(f"mesh.fsdp={mesh_cfg.fsdp} and mesh.tensor={mesh_cfg.tensor}: only data parallelism is "
-                          "supported so far; set both to 1")
-    devices = jax.devices()
-    n = len(devices) if mesh_cfg.data == -1 else mesh_cfg.data
-    if n > len(devices):
-        raise ConfigError(f"mesh.data={n} exceeds the {len(devices)} available devices; set mesh.data=-1 to use all")
-    return make_mesh(devices[:n])
+    """The (data, fsdp, tensor) mesh of `cfg.mesh` over all devices of all processes (one size may be -1)."""
+    return make_mesh(mesh_shape(mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor, jax.device_count()))
 
 
 def run_length(steps_per_epoch: int, epochs: int | None, max_steps: int | None) -> int:
@@ -392,9 +466,13 @@ def run_length(steps_per_epoch: int, epochs: int | None, max_steps: int | None) 
 
 
 def step_batches(batches: Iterator[dict], accum: int) -> Iterator[dict]:
-    """Global-batch rows [local_batch, seq] -> [accum, local_batch / accum, seq], one per optimizer step."""
+    """Global-batch rows [local_batch, seq] -> [accum, local_batch / accum, seq], one per optimizer step.
+
+    Micro-batch i takes every accum-th row from row i. This process's rows are a contiguous slice
+    of the global batch, so global micro-batch i is the same rows whatever the process count.
+    """
     for batch in batches:
-        yield {k: v.reshape(accum, v.shape[0] // accum, *v.shape[1:]) for k, v in batch.items()}
+        yield {k: v.reshape(v.shape[0] // accum, accum, *v.shape[1:]).swapaxes(0, 1) for k, v in batch.items()}
 
 
 def save_lora_safetensors(lora: dict, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:

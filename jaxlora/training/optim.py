@@ -42,8 +42,9 @@ def make_schedule(lr: float, total_steps: int, *, warmup_steps: int | None = Non
     if not 0.0 <= min_lr <= lr:
         raise ConfigError(f"min_lr must be in [0, lr={lr}], got {min_lr}")
     warmup = warmup_steps_for(total_steps, warmup_steps, warmup_fraction)
+    # A run no longer than its warmup only warms up; optax needs a cosine of at least one step after it.
     return optax.warmup_cosine_decay_schedule(init_value=0.0, peak_value=lr, warmup_steps=warmup,
-                                              decay_steps=total_steps, end_value=min_lr)
+                                              decay_steps=max(total_steps, warmup + 1), end_value=min_lr)
 
 
 def _base_optimizer(name: str, schedule: optax.Schedule, *, weight_decay: float, betas: tuple[float, float],

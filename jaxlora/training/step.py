@@ -22,8 +22,10 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import Mesh
 
 from jaxlora.errors import ConfigError
+from jaxlora.training.sharding import activation_sharding
 
 IGNORE_INDEX = -100
 DEFAULT_CHUNK_SIZE = 128  # sequence positions per loss chunk (LitGPT's lm_head_chunk_size)
@@ -54,14 +56,7 @@ def cross_entropy_sum(logits_fn: Callable[[jax.Array], jax.Array], hidden: jax.A
     hidden: [b, t, d] (any dtype); targets: int [b, t], IGNORE_INDEX where no loss.
     logits_fn: [b, c, d] -> fp32 [b, c, padded_vocab]. Returns (fp32 [], int32 []).
     """
-    b, t, d = hidden.shape
-    c = min(chunk_size, t)
-    n = math.ceil(t / c)
-    if n * c != t:
-        hidden = jnp.pad(hidden, ((0, 0), (0, n * c - t), (0, 0)))
-        targets = jnp.pad(targets, ((0, 0), (0, n * c - t)), constant_values=IGNORE_INDEX)
-    hs = hidden.reshape(b, n, c, d).swapaxes(0, 1)  # [n, b, c, d]: the batch axis keeps its sharding
-    ys = targets.reshape(b, n, c).swapaxes(0, 1)
+    hs, ys = _chunks(hidden, targets, chunk_size)
 
     @jax.checkpoint  # the backward pass recomputes each chunk's logits instead of storing them
     def chunk_loss(h, y):
@@ -82,27 +77,87 @@ def cross_entropy_sum(logits_fn: Callable[[jax.Array], jax.Array], hidden: jax.A
 
 
 def sequence_loss(model, input_ids: jax.Array, labels: jax.Array, *, dropout_key: jax.Array | None = None,
-                  chunk_size: int = DEFAULT_CHUNK_SIZE) -> tuple[jax.Array, jax.Array]:
+                  chunk_size: int = DEFAULT_CHUNK_SIZE, mesh: Mesh | None = None) -> tuple[jax.Array, jax.Array]:
     """input_ids, labels int32 [b, t] -> (loss sum fp32 [], token count int32 []).
 
-    Position i predicts labels[:, i + 1]; the last position predicts nothing.
+    Position i predicts labels[:, i + 1]; the last position predicts nothing. mesh: keep the
+    activations' batch axis split over the mesh's batch axes (see `sharding.activation_sharding`).
     """
-    hidden = model.hidden_states(input_ids, dropout_key=dropout_key)
+    logits_fn, hidden, targets = _predict(model, input_ids, labels, dropout_key, mesh)
+    return cross_entropy_sum(logits_fn, hidden, targets, vocab_size=model.config.vocab_size, chunk_size=chunk_size)
+
+
+def _predict(model, input_ids, labels, dropout_key, mesh):
+    """-> (logits_fn, final hidden states [b, t, d], targets [b, t]: labels shifted left by one)."""
+    batch_sharding = None if mesh is None else activation_sharding(mesh)
+    hidden = model.hidden_states(input_ids, dropout_key=dropout_key, batch_sharding=batch_sharding)
+    logits_fn = model.logits
+    if batch_sharding is not None:
+        logits_fn = lambda h: model.logits(jax.lax.with_sharding_constraint(h, batch_sharding))  # noqa: E731
     targets = jnp.concatenate([labels[:, 1:], jnp.full((labels.shape[0], 1), IGNORE_INDEX, labels.dtype)], axis=1)
-    return cross_entropy_sum(model.logits, hidden, targets, vocab_size=model.config.vocab_size,
-                             chunk_size=chunk_size)
+    return logits_fn, hidden, targets
 
 
-def _loss_fn(graphdef, chunk_size: int):
+def _chunks(hidden: jax.Array, targets: jax.Array, chunk_size: int) -> tuple[jax.Array, jax.Array]:
+    """hidden [b, t, d], targets [b, t] -> [n, b, c, d], [n, b, c] (t padded to n * c with IGNORE_INDEX)."""
+    b, t, d = hidden.shape
+    c = min(chunk_size, t)
+    n = math.ceil(t / c)
+    if n * c != t:
+        hidden = jnp.pad(hidden, ((0, 0), (0, n * c - t), (0, 0)))
+        targets = jnp.pad(targets, ((0, 0), (0, n * c - t)), constant_values=IGNORE_INDEX)
+    # the batch axis keeps its sharding
+    return hidden.reshape(b, n, c, d).swapaxes(0, 1), targets.reshape(b, n, c).swapaxes(0, 1)
+
+
+def token_mistakes(logits_fn: Callable[[jax.Array], jax.Array], hidden: jax.Array, targets: jax.Array, *,
+                   vocab_size: int, chunk_size: int = DEFAULT_CHUNK_SIZE) -> jax.Array:
+    """int32 [b]: per row, the non-ignored targets that are not the argmax of their logits (over the
+    first `vocab_size` columns), chunked over the sequence like `cross_entropy_sum`."""
+    hs, ys = _chunks(hidden, targets, chunk_size)
+
+    def body(mistakes, xs):
+        h, y = xs
+        predicted = jnp.argmax(logits_fn(h)[..., :vocab_size], axis=-1)
+        return mistakes + jnp.sum((y != IGNORE_INDEX) & (predicted != y), axis=1, dtype=jnp.int32), None
+
+    mistakes, _ = jax.lax.scan(body, jnp.zeros(hidden.shape[0], jnp.int32), (hs, ys))
+    return mistakes
+
+
+def sequence_eval(model, input_ids: jax.Array, labels: jax.Array, *, chunk_size: int = DEFAULT_CHUNK_SIZE,
+                  mesh: Mesh | None = None) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """-> (loss sum fp32 [], token count, exact rows, scored rows) (int32 []), as `sequence_loss` without dropout.
+
+    Teacher-forced exact match: a row with labelled targets is exact when every one of them is the
+    argmax given the true prefix, which is exactly when greedy decoding from the unlabelled prefix
+    reproduces them (with masked prompts: the response and its EOS). Rows without targets (batch
+    padding) are not scored.
+    """
+    logits_fn, hidden, targets = _predict(model, input_ids, labels, None, mesh)
+    loss_sum, count = cross_entropy_sum(logits_fn, hidden, targets, vocab_size=model.config.vocab_size,
+                                        chunk_size=chunk_size)
+    mistakes = token_mistakes(logits_fn, hidden, targets, vocab_size=model.config.vocab_size, chunk_size=chunk_size)
+    scored = jnp.any(targets != IGNORE_INDEX, axis=1)
+    return loss_sum, count, jnp.sum(scored & (mistakes == 0), dtype=jnp.int32), jnp.sum(scored, dtype=jnp.int32)
+
+
+def _loss_fn(graphdef, chunk_size: int, mesh: Mesh | None):
     def loss(lora, base, input_ids, labels, key):
         model = nnx.merge(graphdef, lora, base)
-        return sequence_loss(model, input_ids, labels, dropout_key=key, chunk_size=chunk_size)
+        return sequence_loss(model, input_ids, labels, dropout_key=key, chunk_size=chunk_size, mesh=mesh)
     return loss
 
 
 def make_train_step(graphdef, optimizer: optax.GradientTransformation, *, accum_steps: int, mode: str = "scan",
-                    chunk_size: int = DEFAULT_CHUNK_SIZE):
+                    chunk_size: int = DEFAULT_CHUNK_SIZE, state_sharding: TrainState | None = None):
     """-> train_step(state, base, batch, key) -> (state, metrics); `state` is donated.
+
+    state_sharding: the train state's shardings (`sharding.train_state_shardings`), kept by every
+      step; its mesh also pins the activations' batch axis to the batch axes, so frozen weights
+      sharded over fsdp are gathered where used, one layer's (or the embedding's) at a time, in
+      the forward and again in the backward pass of each micro-batch (ZeRO-3), never the whole
+      model. None: XLA places outputs and activations (fine on one device or replicated params).
 
     batch: {"input_ids", "labels"} int32 [accum_steps, micro_batch, seq] (micro_batch: global).
     key: the run's base dropout key; micro-batch i of optimizer step s uses
@@ -121,17 +176,21 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, *, accum_
     """
     if accum_steps < 1:
         raise ConfigError(f"accumulation steps must be >= 1, got {accum_steps}")
+    mesh = None if state_sharding is None else state_sharding.step.mesh
+    jit = functools.partial(jax.jit, donate_argnums=0)
+    if state_sharding is not None:
+        jit = functools.partial(jit, out_shardings=(state_sharding, state_sharding.step))  # metrics replicated
     if mode == "scan":
-        return _scan_step(graphdef, optimizer, accum_steps, chunk_size)
+        return _scan_step(graphdef, optimizer, accum_steps, chunk_size, mesh, jit)
     if mode == "multisteps":
-        return _multisteps_step(graphdef, optimizer, accum_steps, chunk_size)
+        return _multisteps_step(graphdef, optimizer, accum_steps, chunk_size, mesh, jit)
     raise ConfigError(f"unknown grad_accumulation mode {mode!r}; choose one of {', '.join(MODES)}")
 
 
-def _scan_step(graphdef, optimizer, accum_steps, chunk_size):
-    loss_fn = _loss_fn(graphdef, chunk_size)
+def _scan_step(graphdef, optimizer, accum_steps, chunk_size, mesh, jit):
+    loss_fn = _loss_fn(graphdef, chunk_size, mesh)
 
-    @functools.partial(jax.jit, donate_argnums=0)
+    @jit
     def train_step(state: TrainState, base, batch, key):
         ids, labels = batch["input_ids"], batch["labels"]
         if ids.shape[0] != accum_steps:
@@ -170,10 +229,10 @@ def _apply(optimizer, state: TrainState, grads, step) -> TrainState:
     return TrainState(step=step, lora=optax.apply_updates(state.lora, updates), opt_state=opt_state)
 
 
-def _multisteps_step(graphdef, optimizer, accum_steps, chunk_size):
-    loss_fn = _loss_fn(graphdef, chunk_size)
+def _multisteps_step(graphdef, optimizer, accum_steps, chunk_size, mesh, jit):
+    loss_fn = _loss_fn(graphdef, chunk_size, mesh)
 
-    @functools.partial(jax.jit, donate_argnums=0)
+    @jit
     def micro_step(state: TrainState, base, batch, key):
         if not isinstance(state.opt_state, optax.MultiStepsState):
             raise ConfigError("grad_accumulation 'multisteps' needs an optimizer built with multisteps=accum_steps")
@@ -207,15 +266,20 @@ def _multisteps_step(graphdef, optimizer, accum_steps, chunk_size):
     return train_step
 
 
-def make_eval_step(graphdef, *, chunk_size: int = DEFAULT_CHUNK_SIZE):
+def make_eval_step(graphdef, *, chunk_size: int = DEFAULT_CHUNK_SIZE, mesh: Mesh | None = None,
+                   exact_match: bool = False):
     """-> eval_step(lora, base, batch) -> (loss sum fp32 [], token count int32 []); no dropout.
 
-    batch: {"input_ids", "labels"} int32 [micro_batch, seq].
+    batch: {"input_ids", "labels"} int32 [micro_batch, seq]. mesh: as in `make_train_step`.
+    exact_match: also return (exact rows, scored rows) int32 [] (see `sequence_eval`).
     """
-    loss_fn = _loss_fn(graphdef, chunk_size)
+    loss_fn = _loss_fn(graphdef, chunk_size, mesh)
 
     @jax.jit
     def eval_step(lora, base, batch):
+        if exact_match:
+            return sequence_eval(nnx.merge(graphdef, lora, base), batch["input_ids"], batch["labels"],
+                                 chunk_size=chunk_size, mesh=mesh)
         return loss_fn(lora, base, batch["input_ids"], batch["labels"], None)
 
     return eval_step
