@@ -10,85 +10,33 @@ magnitude ~1, so 1e-4 leaves margin without hiding a mapping error (those give e
 
 from __future__ import annotations
 
-import os
-
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import jaxlora  # noqa: E402
 from jaxlora.errors import CheckpointError  # noqa: E402
 
+from _hf_helpers import FAMILIES, VOCAB, make_hf_model  # noqa: E402
+from _hf_helpers import hf_logits as _hf_logits  # noqa: E402
+from _hf_helpers import tokens as _tokens  # noqa: E402
+
 ATOL = 1e-4
-VOCAB = 96
-SEQ = 12
-
-_common = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64,
-               attn_implementation="eager")
-
-# name -> (HF config class name, kwargs). GQA wherever the family has it; sliding windows (4) shorter
-# than the sequence (12) so that the window is really exercised.
-FAMILIES = {
-    "llama": ("LlamaConfig", dict(intermediate_size=96, num_key_value_heads=2, tie_word_embeddings=False)),
-    "llama3.1-rope": ("LlamaConfig", dict(intermediate_size=96, num_key_value_heads=2, rope_theta=500000.0,
-                                          rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
-                                                            high_freq_factor=4.0,
-                                                            original_max_position_embeddings=16))),
-    "mistral": ("MistralConfig", dict(intermediate_size=96, num_key_value_heads=2, sliding_window=4)),
-    "mixtral": ("MixtralConfig", dict(intermediate_size=48, num_key_value_heads=2, num_local_experts=4,
-                                      num_experts_per_tok=2)),
-    "qwen2": ("Qwen2Config", dict(intermediate_size=96, num_key_value_heads=2, tie_word_embeddings=True)),
-    "phi": ("PhiConfig", dict(intermediate_size=96, partial_rotary_factor=0.5)),
-    "phi3": ("Phi3Config", dict(intermediate_size=96, num_key_value_heads=2, pad_token_id=0)),
-    "gemma": ("GemmaConfig", dict(intermediate_size=96, num_key_value_heads=1, head_dim=16)),
-    "gemma2": ("Gemma2Config", dict(intermediate_size=96, num_key_value_heads=2, head_dim=16, sliding_window=4,
-                                    query_pre_attn_scalar=24, attn_logit_softcapping=5.0,
-                                    final_logit_softcapping=3.0)),
-    "falcon": ("FalconConfig", dict(multi_query=True, bias=True)),
-    "falcon-new-arch": ("FalconConfig", dict(new_decoder_architecture=True, num_kv_heads=2)),
-    "gpt_neox": ("GPTNeoXConfig", dict(intermediate_size=96, rotary_pct=0.25)),
-    "gpt_neox-sequential": ("GPTNeoXConfig", dict(intermediate_size=96, rotary_pct=0.5, use_parallel_residual=False)),
-}
-
-
-def _randomize(model) -> None:
-    """Random weights everywhere, including norms (HF initialises them to 1 or 0)."""
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim == 1 and ("norm" in name or "ln" in name):
-                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(0.08 * torch.randn(p.shape, generator=g))
 
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    """name -> (checkpoint dir, HF model in eval mode)."""
+    """name -> (checkpoint dir, HF model in eval mode) for every family of _hf_helpers.FAMILIES."""
     out = {}
-    for name, (cls, kwargs) in FAMILIES.items():
-        config = getattr(transformers, cls)(**_common, **kwargs)
-        torch.manual_seed(0)
-        model = transformers.AutoModelForCausalLM.from_config(config).eval()
-        _randomize(model)
+    for name in FAMILIES:
+        model = make_hf_model(name)
         path = tmp_path_factory.mktemp(name)
         model.save_pretrained(path, safe_serialization=True)
         out[name] = (path, model)
     return out
-
-
-def _tokens(batch=2, seq=SEQ, seed=0):
-    return np.random.RandomState(seed).randint(0, VOCAB, (batch, seq))
-
-
-def _hf_logits(model, ids, attention_mask=None):
-    with torch.no_grad():
-        kw = {} if attention_mask is None else dict(attention_mask=torch.tensor(attention_mask))
-        return model(torch.tensor(ids), **kw).logits.float().numpy()
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))
@@ -194,11 +142,11 @@ def test_misshaped_tensor_names_both_shapes(checkpoints, tmp_path):
     path, _ = checkpoints["llama"]
 
     def shrink(t):
-        t["model.layers.0.self_attn.k_proj.weight"] = t["model.layers.0.self_attn.k_proj.weight"][:16]
+        t["model.layers.0.self_attn.k_proj.weight"] = t["model.layers.0.self_attn.k_proj.weight"][:8]
 
     _rewrite(path, tmp_path, shrink)
-    with pytest.raises(CheckpointError, match=r"k_proj\.weight has shape \[16, 64\] but the config.json implies "
-                                              r"\[32, 64\]"):
+    with pytest.raises(CheckpointError, match=r"k_proj\.weight has shape \[8, 32\] but the config.json implies "
+                                              r"\[16, 32\]"):
         jaxlora.load_model(tmp_path)
 
 
