@@ -38,10 +38,8 @@ def test_demo_config_validates_and_points_into_the_repo():
 
 
 def _asked_word(record: dict) -> str:
-    """The word a record asks about: its input, or the {w} of its instruction's template."""
-    if record["input"]:
-        return record["input"]
-    for question, _ in KIND_QUESTIONS:
+    """The word a record asks about: the {w} of its instruction's template."""
+    for question in KIND_QUESTIONS:
         match = re.fullmatch(re.escape(question).replace(re.escape("{w}"), "(.+)"), record["instruction"])
         if match:
             return match.group(1)
@@ -52,7 +50,7 @@ def test_demo_artifacts_are_small_and_val_words_are_held_out():
     size = sum(f.stat().st_size for f in DEMO.rglob("*") if f.is_file())
     assert size < 20e6
     train, val = _records("train"), _records("val")
-    assert all(set(r) == {"instruction", "input", "output"} for r in train + val)
+    assert all(set(r) == {"instruction", "input", "output"} and r["input"] == "" for r in train + val)
     assert {r["output"] for r in val} == set(KIND_ANSWERS.values())
     assert not {_asked_word(r) for r in train} & {_asked_word(r) for r in val}
 

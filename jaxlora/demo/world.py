@@ -9,7 +9,7 @@ model is pretrained on these stories only: it never sees a question or an answer
 The finetuning task asks for the kind of one word and expects one of six answers:
 
     instruction: "What kind of word is Tolford?"        output: "a town"
-    instruction: "What kind of word is this?"  input: "goose"   output: "an animal"
+    instruction: "What kind of thing is goose?"         output: "an animal"
 
 Exact match is well defined (one right answer per question), and the words of the validation
 split never occur in the training split: the answers to them come from what the base learned in
@@ -61,13 +61,13 @@ _FILLER = ("{n} and {m} are friends.", "{n} often visits {m}.", "{n} wrote a let
            "The market in {town} sells {food} and {food2}.", "{n} walked to the {place} with {m}.",
            "In {town}, the people like {food}.", "It was {weather} when {n} came home.")
 
-# The finetuning task: (instruction, input) templates ({w}: the word) and the answer of each kind.
+# The finetuning task: instruction templates ({w}: the word, inside the sentence so that it is tokenized as
+# in the stories) and the answer of each kind.
 KIND_QUESTIONS = (
-    ("What kind of word is {w}?", ""),
-    ("What kind of thing is {w}?", ""),
-    ("Is {w} a person, a town, a job, an animal, a color or a food?", ""),
-    ("What kind of word is this?", "{w}"),
-    ("Name the kind of the word in the input.", "{w}"),
+    "What kind of word is {w}?",
+    "What kind of thing is {w}?",
+    "Is {w} a person, a town, a job, an animal, a color or a food?",
+    "Tell me what kind of word {w} is.",
 )
 KIND_ANSWERS = {"person": "a person", "town": "a town", "job": "a job", "animal": "an animal", "color": "a color",
                 "food": "a food"}
@@ -158,5 +158,4 @@ def kind_split(seed: int, count: int, world: World, split: str) -> list[dict]:
         while len(picks) < count and any(pending.values()):
             picks += [combos.pop() for combos in pending.values() if combos][:count - len(picks)]
         rng.shuffle(picks)
-    return [{"instruction": q.format(w=w), "input": i.format(w=w), "output": KIND_ANSWERS[kind]}
-            for kind, (q, i), w in picks]
+    return [{"instruction": q.format(w=w), "input": "", "output": KIND_ANSWERS[kind]} for kind, q, w in picks]

@@ -27,9 +27,9 @@ def get_config():
     cfg.data.json_path = str(DEMO / "data")
     cfg.data.prompt_style = "alpaca"
     cfg.data.mask_prompt = True  # the loss and exact match cover the answer and its EOS
-    cfg.optimizer.lr = 2e-3
-    cfg.train.update(epochs=None, max_steps=150, global_batch_size=16, micro_batch_size=16, lr_warmup_steps=10,
-                     min_lr=2e-4, save_interval=150, log_interval=10)
-    cfg.eval.update(interval=150, initial_validation=True, exact_match=True, max_new_tokens=8)
+    cfg.optimizer.lr = 3e-3
+    cfg.train.update(epochs=None, max_steps=200, global_batch_size=16, micro_batch_size=16, lr_warmup_steps=10,
+                     min_lr=2e-4, save_interval=200, log_interval=20)
+    cfg.eval.update(interval=200, initial_validation=True, exact_match=True, max_new_tokens=8)
     cfg.checkpoint.max_to_keep = 1
     return cfg
