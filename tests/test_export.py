@@ -17,7 +17,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from _hf_helpers import FAMILIES, hf_logits, make_hf_model, our_logits, tokens  # noqa: E402
+from _hf_helpers import FAMILIES, hf_logits, our_logits, tokens  # noqa: E402
 from flax import nnx  # noqa: E402
 from safetensors.numpy import load_file  # noqa: E402
 
@@ -25,18 +25,6 @@ import jaxlora  # noqa: E402
 from jaxlora.checkpoints import hf_export  # noqa: E402
 from jaxlora.checkpoints.hf_export import save_hf_checkpoint  # noqa: E402
 from jaxlora.errors import CheckpointError  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    """name -> (checkpoint dir, HF model)."""
-    out = {}
-    for name in FAMILIES:
-        model = make_hf_model(name)
-        path = tmp_path_factory.mktemp(name)
-        model.save_pretrained(path, safe_serialization=True)
-        out[name] = (path, model)
-    return out
 
 
 def _tensors(path):
@@ -48,16 +36,20 @@ def _tensors(path):
 
 
 @pytest.fixture(scope="module")
-def llama(checkpoints):
-    return jaxlora.load_model(checkpoints["llama"][0])
+def llama(hf_checkpoints):
+    return jaxlora.load_model(hf_checkpoints["llama"][0])
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))
-def test_export_round_trip(checkpoints, llama, name, tmp_path):
-    path, hf_model = checkpoints[name]
+def test_export_round_trip(hf_checkpoints, llama, name, tmp_path):
+    path, hf_model = hf_checkpoints[name]
     model = llama if name == "llama" else jaxlora.load_model(path)
     out = save_hf_checkpoint(model, tmp_path / "out")
     assert sorted(os.listdir(out)) == ["config.json", "generation_config.json", "model.safetensors"]
+    if name == "llama":  # the temporary directory's private mode is not left on the result
+        umask = os.umask(0)
+        os.umask(umask)
+        assert out.stat().st_mode & 0o777 == 0o777 & ~umask
     original, written = _tensors(path), _tensors(out)
     assert sorted(written) == sorted(original)
     for key, w in original.items():
@@ -68,8 +60,8 @@ def test_export_round_trip(checkpoints, llama, name, tmp_path):
     np.testing.assert_allclose(hf_logits(reloaded, ids), hf_logits(hf_model, ids), atol=1e-6, rtol=0)
 
 
-def test_sharded_bf16_with_base_config(checkpoints, llama, tmp_path):
-    path, hf_model = checkpoints["llama"]
+def test_sharded_bf16_with_base_config(hf_checkpoints, llama, tmp_path):
+    path, hf_model = hf_checkpoints["llama"]
     model = llama
     base_config = json.loads((path / "config.json").read_text())
     out = save_hf_checkpoint(model, tmp_path / "out", dtype="bfloat16", max_shard_bytes=8_000, hf_config=base_config)
@@ -96,8 +88,8 @@ def test_refuses_unmerged_adapters(llama, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_refuses_config_of_another_model(checkpoints, llama, tmp_path):
-    other = json.loads((checkpoints["mistral"][0] / "config.json").read_text())
+def test_refuses_config_of_another_model(hf_checkpoints, llama, tmp_path):
+    other = json.loads((hf_checkpoints["mistral"][0] / "config.json").read_text())
     with pytest.raises(CheckpointError, match="does not describe this model: it differs in model_type"):
         save_hf_checkpoint(llama, tmp_path / "out", hf_config=other)
 

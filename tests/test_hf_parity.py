@@ -20,28 +20,16 @@ transformers = pytest.importorskip("transformers")
 import jaxlora  # noqa: E402
 from jaxlora.errors import CheckpointError  # noqa: E402
 
-from _hf_helpers import FAMILIES, VOCAB, make_hf_model  # noqa: E402
+from _hf_helpers import FAMILIES, VOCAB  # noqa: E402
 from _hf_helpers import hf_logits as _hf_logits  # noqa: E402
 from _hf_helpers import tokens as _tokens  # noqa: E402
 
 ATOL = 1e-4
 
 
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    """name -> (checkpoint dir, HF model in eval mode) for every family of _hf_helpers.FAMILIES."""
-    out = {}
-    for name in FAMILIES:
-        model = make_hf_model(name)
-        path = tmp_path_factory.mktemp(name)
-        model.save_pretrained(path, safe_serialization=True)
-        out[name] = (path, model)
-    return out
-
-
 @pytest.mark.parametrize("name", list(FAMILIES))
-def test_logits_match_transformers(checkpoints, name):
-    path, hf_model = checkpoints[name]
+def test_logits_match_transformers(hf_checkpoints, name):
+    path, hf_model = hf_checkpoints[name]
     model = jaxlora.load_model(path, dtype="float32")
     ids = _tokens()
     ours = np.asarray(model(jnp.asarray(ids, jnp.int32)))
@@ -51,9 +39,9 @@ def test_logits_match_transformers(checkpoints, name):
 
 
 @pytest.mark.parametrize("name", ["llama", "gemma2", "gpt_neox"])
-def test_right_padding_matches_unpadded(checkpoints, name):
+def test_right_padding_matches_unpadded(hf_checkpoints, name):
     """Padding is masked: real-token logits of a right-padded row equal the unpadded row's."""
-    path, hf_model = checkpoints[name]
+    path, hf_model = hf_checkpoints[name]
     model = jaxlora.load_model(path, dtype="float32")
     ids = _tokens(batch=2)
     mask = np.ones_like(ids)
@@ -63,8 +51,8 @@ def test_right_padding_matches_unpadded(checkpoints, name):
     np.testing.assert_allclose(ours[1, :7, :VOCAB], alone[0], atol=ATOL, rtol=0)
 
 
-def test_left_padding_matches_unpadded(checkpoints):
-    path, hf_model = checkpoints["llama"]
+def test_left_padding_matches_unpadded(hf_checkpoints):
+    path, hf_model = hf_checkpoints["llama"]
     model = jaxlora.load_model(path, dtype="float32")
     ids = _tokens(batch=1)
     padded = np.concatenate([np.zeros((1, 3), ids.dtype), ids[:, :9]], axis=1)
@@ -73,9 +61,9 @@ def test_left_padding_matches_unpadded(checkpoints):
     np.testing.assert_allclose(ours[0, 3:, :VOCAB], _hf_logits(hf_model, ids[:, :9])[0], atol=ATOL, rtol=0)
 
 
-def test_bf16_load_is_close(checkpoints):
+def test_bf16_load_is_close(hf_checkpoints):
     """bf16 frozen weights and compute: same argmax almost everywhere, logits within bf16 error."""
-    path, hf_model = checkpoints["llama"]
+    path, hf_model = hf_checkpoints["llama"]
     model = jaxlora.load_model(path, dtype="bfloat16")
     ids = _tokens()
     ours = np.asarray(model(jnp.asarray(ids, jnp.int32)))
@@ -83,9 +71,9 @@ def test_bf16_load_is_close(checkpoints):
     np.testing.assert_allclose(ours[..., :VOCAB], _hf_logits(hf_model, ids), atol=5e-2, rtol=0)
 
 
-def test_sharded_checkpoint(checkpoints, tmp_path):
+def test_sharded_checkpoint(hf_checkpoints, tmp_path):
     """A sharded checkpoint (index + several files) loads to the same logits."""
-    _, hf_model = checkpoints["llama"]
+    _, hf_model = hf_checkpoints["llama"]
     hf_model.save_pretrained(tmp_path, safe_serialization=True, max_shard_size="20KB")
     assert (tmp_path / "model.safetensors.index.json").is_file()
     model = jaxlora.load_model(tmp_path)
@@ -94,8 +82,8 @@ def test_sharded_checkpoint(checkpoints, tmp_path):
                                atol=ATOL, rtol=0)
 
 
-def test_scan_and_unrolled_layers_agree(checkpoints):
-    path, _ = checkpoints["gemma2"]
+def test_scan_and_unrolled_layers_agree(hf_checkpoints):
+    path, _ = hf_checkpoints["gemma2"]
     ids = jnp.asarray(_tokens(), jnp.int32)
     scanned = jaxlora.load_model(path)(ids)
     unrolled = jaxlora.load_model(path, scan_layers=False)(ids)
@@ -110,8 +98,8 @@ def test_missing_directory(tmp_path):
         jaxlora.load_model(tmp_path / "nope")
 
 
-def test_missing_weights(checkpoints, tmp_path):
-    path, _ = checkpoints["llama"]
+def test_missing_weights(hf_checkpoints, tmp_path):
+    path, _ = hf_checkpoints["llama"]
     (tmp_path / "config.json").write_text((path / "config.json").read_text())
     with pytest.raises(CheckpointError, match="no model.safetensors or model.safetensors.index.json"):
         jaxlora.load_model(tmp_path)
@@ -131,15 +119,15 @@ def _rewrite(src, dst, edit):
     (dst / "config.json").write_text((src / "config.json").read_text())
 
 
-def test_missing_tensor_is_named(checkpoints, tmp_path):
-    path, _ = checkpoints["llama"]
+def test_missing_tensor_is_named(hf_checkpoints, tmp_path):
+    path, _ = hf_checkpoints["llama"]
     _rewrite(path, tmp_path, lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
     with pytest.raises(CheckpointError, match=r"tensor model\.layers\.1\.mlp\.up_proj\.weight is missing"):
         jaxlora.load_model(tmp_path)
 
 
-def test_misshaped_tensor_names_both_shapes(checkpoints, tmp_path):
-    path, _ = checkpoints["llama"]
+def test_misshaped_tensor_names_both_shapes(hf_checkpoints, tmp_path):
+    path, _ = hf_checkpoints["llama"]
 
     def shrink(t):
         t["model.layers.0.self_attn.k_proj.weight"] = t["model.layers.0.self_attn.k_proj.weight"][:8]
@@ -150,8 +138,8 @@ def test_misshaped_tensor_names_both_shapes(checkpoints, tmp_path):
         jaxlora.load_model(tmp_path)
 
 
-def test_corrupt_safetensors(checkpoints, tmp_path):
-    path, _ = checkpoints["llama"]
+def test_corrupt_safetensors(hf_checkpoints, tmp_path):
+    path, _ = hf_checkpoints["llama"]
     (tmp_path / "config.json").write_text((path / "config.json").read_text())
     (tmp_path / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00not json")
     with pytest.raises(CheckpointError, match="cannot read"):

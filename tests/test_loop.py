@@ -12,6 +12,7 @@ import pytest
 
 from _train_helpers import FixedBatches, random_batch, tiny_split
 from jaxlora.checkpoints.orbax import CheckpointManager
+from jaxlora.errors import ConfigError
 from jaxlora.training.loop import DivergenceError, FitSettings, fit
 from jaxlora.training.optim import make_optimizer
 from jaxlora.training.sharding import make_mesh, replicate
@@ -187,3 +188,7 @@ def test_finetune_job_end_to_end_and_resume(tmp_path, monkeypatch):
     assert resumed.step == 3 and resumed.summary["steps"] == 1
     assert sorted(p.name for p in (tmp_path / "out" / "checkpoints").iterdir()) == ["2", "3"]
     assert [int(r["step"]) for r in _rows(tmp_path / "out")] == [1, 2, 3]
+
+    cfg.resume = False  # a fresh run into that out_dir would leave the old steps looking like its own
+    with pytest.raises(ConfigError, match=r"already holds steps \[2, 3\].*resume=auto"):
+        finetune(cfg)

@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from jaxlora.checkpoints.hf import load_model
+from jaxlora.checkpoints.hf import load_model, read_safetensors
 from jaxlora.checkpoints.peft import CONFIG_FILE, lora_shapes, read_peft_adapter
 from jaxlora.errors import CheckpointError, ConfigError
 from jaxlora.models.config import ModelConfig
@@ -64,14 +64,7 @@ def resolve_adapter(adapter: str | os.PathLike) -> tuple[str, Path]:
 
 def read_lora_safetensors(path: str | os.PathLike) -> tuple[LoRAConfig, dict]:
     """A jaxlora `lora.safetensors` -> (its LoRAConfig from the metadata, nested LoRA params as numpy)."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="numpy") as f:
-            metadata = f.metadata() or {}
-            flat = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors raises its own error types
-        raise CheckpointError(f"cannot read {path}: {e}") from None
+    metadata, flat = read_safetensors(path)
     if "lora" not in metadata:
         raise CheckpointError(f"{path} has no 'lora' metadata (the LoRA settings); it was not written by jaxlora")
     try:

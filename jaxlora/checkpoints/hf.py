@@ -198,6 +198,17 @@ class SafetensorsReader:
         self._open.clear()
 
 
+def read_safetensors(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
+    """A small safetensors file (an adapter) read whole -> (its metadata, name -> numpy array)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            return f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types
+        raise CheckpointError(f"cannot read {path}: {e}") from None
+
+
 def _hf_shape(src: Source, ours: tuple[int, ...], config: ModelConfig) -> tuple[int, ...]:
     """The shape the raw HF tensor must have for our (per-layer, per-expert) shape `ours`."""
     shape = ours[::-1] if src.transpose and len(ours) == 2 else ours

@@ -182,6 +182,9 @@ def atomic_directory(out_dir: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp made it private (0700); the result gets the usual mode
         if out.exists():
             out.rmdir()
         os.rename(tmp, out)

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxlora.checkpoints.hf import Source, _cut, _hf_shape, key_map
+from jaxlora.checkpoints.hf import Source, _cut, _hf_shape, key_map, read_safetensors
 from jaxlora.errors import CheckpointError
 from jaxlora.models.config import ModelConfig
 from jaxlora.models.lora import LoRAConfig
@@ -167,19 +167,12 @@ def save_peft_adapter(model, out_dir: str | os.PathLike, *, base_model_name_or_p
 
 def read_peft_adapter(directory: str | os.PathLike, config: ModelConfig) -> tuple[LoRAConfig, dict]:
     """A PEFT LoRA adapter directory -> (LoRAConfig, our nested LoRA params as numpy, blocks stacked)."""
-    from safetensors import safe_open
-
     directory = Path(directory)
     cfg = _read_adapter_config(directory / CONFIG_FILE)
     file = directory / WEIGHTS_FILE
     if not file.is_file():
         raise CheckpointError(f"no {WEIGHTS_FILE} in {directory} (only safetensors PEFT adapters can be loaded)")
-    try:
-        with safe_open(str(file), framework="numpy") as f:
-            metadata = f.metadata() or {}
-            raw = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors raises its own error types
-        raise CheckpointError(f"cannot read {file}: {e}") from None
+    metadata, raw = read_safetensors(file)
     modules: dict[str, dict[str, np.ndarray]] = {}
     for key, w in raw.items():
         m = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.default)?\.weight", key)

@@ -362,6 +362,9 @@ def finetune(cfg) -> FitResult:
     checkpoints = CheckpointManager(cfg.out_dir, max_to_keep=c.max_to_keep, keep_best=c.keep_best,
                                     async_save=c.async_save)
     resume = resolve_resume(cfg.resume, cfg.out_dir)
+    if resume is None and checkpoints.all_steps():  # a fresh run would mix its steps with the old ones
+        raise ConfigError(f"{checkpoints.directory} already holds steps {checkpoints.all_steps()} of an earlier "
+                          "run; continue it with --config.resume=auto, or choose another out_dir (or remove it)")
     if resume is not None:
         source_dir, step = resume
         own = Path(source_dir).absolute() == Path(cfg.out_dir).absolute()
