@@ -7,6 +7,7 @@ Tolerance 1e-4 absolute on fp32 logits, as in test_hf_parity (observed differenc
 from __future__ import annotations
 
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -185,3 +186,36 @@ def test_tied_head_adapter_cannot_merge():
     model = jaxlora.GPT(c, jaxlora.LoRAConfig(r=2, head=True), rngs=nnx.Rngs(0))
     with pytest.raises(ConfigError, match="tied embedding"):
         jaxlora.merge_lora(model)
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_matmul_gradients_equal_autodiff_of_a_plain_dot(transposed):
+    """`matmul`'s hand-written backward pass (fp32 here) gives the gradients autodiff gives a plain dot.
+
+    Tolerance 1e-5 relative: the same products summed in possibly different orders (fp32, sums of 24 terms)."""
+    from jaxlora.models.lora import matmul
+
+    kx, kw, kg = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(kx, (6, 24))
+    w = jax.random.normal(kw, (10, 24) if transposed else (24, 10))
+    g = jax.random.normal(kg, (6, 10))
+    plain = (lambda x, w: x @ w.T) if transposed else (lambda x, w: x @ w)
+    ours = jax.grad(lambda x, w: jnp.sum(matmul(x, w, transposed, jnp.dtype(jnp.float32)) * g), argnums=(0, 1))(x, w)
+    ref = jax.grad(lambda x, w: jnp.sum(plain(x, w) * g), argnums=(0, 1))(x, w)
+    for a, b in zip(ours, ref):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_matmul_multiplies_in_bf16_forward_and_backward():
+    """In bf16, no product of `matmul` (forward or backward) upcasts its operands to fp32: every dot
+    of the compiled gradient takes bf16 operands (the fast bf16 x bf16 -> fp32 path of XLA's CPU backend)."""
+    from jaxlora.models.lora import matmul
+
+    x = jnp.ones((8, 16), jnp.bfloat16)
+    w = jnp.ones((16, 4), jnp.bfloat16)
+    grad = jax.jit(jax.grad(lambda x, w: jnp.sum(matmul(x, w, False, jnp.dtype(jnp.bfloat16)).astype(jnp.float32)),
+                            argnums=(0, 1)))
+    text = grad.lower(x, w).as_text()
+    dots = [line.split(":")[-1] for line in text.splitlines() if "dot_general" in line]
+    assert len(dots) >= 2  # dx and dw (and the forward product unless it is dropped as dead)
+    assert all(re.fullmatch(r"\s*\(tensor<\S+xbf16>, tensor<\S+xbf16>\) -> tensor<\S+xf32>", d) for d in dots), dots

@@ -10,6 +10,7 @@ dropout key is passed (training).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Iterator
 
@@ -21,6 +22,40 @@ from jaxlora.errors import ConfigError
 
 LORA_TARGETS = ("query", "key", "value", "projection", "mlp", "head")
 DENSE_SPEC = "...i,io->...o"  # x [..., in] times kernel [in, out]
+TRANSPOSED_SPEC = "...i,oi->...o"  # x [..., in] times kernel [out, in] (a tied embedding)
+
+
+def _dot(a: jax.Array, b: jax.Array, a_dim: int, b_dim: int) -> jax.Array:
+    """2-D a, b contracted over a's `a_dim` and b's `b_dim`, accumulated and returned in fp32."""
+    return jax.lax.dot_general(a, b, (((a_dim,), (b_dim,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def matmul(x: jax.Array, w: jax.Array, transposed: bool, out_dtype) -> jax.Array:
+    """x [n, in] times w [in, out] (w [out, in] if `transposed`) -> [n, out] in `out_dtype`.
+
+    x and w come in the compute dtype; every product, backward ones included, multiplies in that
+    dtype and accumulates in fp32. Plain autodiff of such a dot upcasts the weight to fp32 for the
+    backward products, and XLA's CPU backend runs bf16 x bf16 -> fp32 dots several times faster
+    than fp32 ones (it uses AMX / AVX512-BF16 only for those; benchmarks/RESULTS.md). In fp32 this
+    is an ordinary dot.
+    """
+    return _dot(x, w, 1, 1 if transposed else 0).astype(out_dtype)
+
+
+def _matmul_fwd(x, w, transposed, out_dtype):
+    return matmul(x, w, transposed, out_dtype), (x, w)
+
+
+def _matmul_bwd(transposed, out_dtype, residuals, g):
+    x, w = residuals
+    g = g.astype(x.dtype)  # [n, out]
+    dx = _dot(g, w, 1, 0 if transposed else 1).astype(x.dtype)
+    dw = (_dot(g, x, 0, 0) if transposed else _dot(x, g, 0, 0)).astype(w.dtype)  # dropped by XLA if w is frozen
+    return dx, dw
+
+
+matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,15 +139,18 @@ class LoRALinear(nnx.Module):
 
         `spec` contracts x with the kernel; it is reused for x A and (x A) B, so it must not name
         the in/out sizes (expert-batched layers use "...ei,eio->...eo"). `kernel_spec` (default
-        `spec`) contracts x with a caller's `kernel`, e.g. "...i,oi->...o" for a tied embedding.
+        `spec`) contracts x with a caller's `kernel`, e.g. TRANSPOSED_SPEC for a tied embedding.
+        Dense layers multiply with `matmul` (fp32 accumulation, fast bf16 backward).
         """
         dtype = x.dtype
         out_dtype = out_dtype or dtype
         lead = x.shape[:-1]
+        w = (self.kernel[...] if kernel is None else kernel).astype(dtype)
         if spec == DENSE_SPEC:  # as 2-D dots: XLA's CPU backend makes slow transposed copies of the
             x = x.reshape(-1, x.shape[-1])  # gradients of [b, t, .] ones (2-3x the step time at 5-100M params)
-        w = self.kernel[...] if kernel is None else kernel
-        y = jnp.einsum(kernel_spec or spec, x, w.astype(dtype), preferred_element_type=out_dtype)
+            y = matmul(x, w, kernel_spec == TRANSPOSED_SPEC, jnp.dtype(out_dtype))
+        else:
+            y = jnp.einsum(kernel_spec or spec, x, w, preferred_element_type=out_dtype)
         if self.bias is not None:
             y = y + self.bias[...].astype(out_dtype)
         if self.rank:
@@ -122,7 +160,10 @@ class LoRALinear(nnx.Module):
                 xd = jnp.where(keep, x / (1.0 - self.dropout), jnp.zeros_like(x))
             a = self.lora_a[...].astype(dtype)
             b = self.lora_b[...].astype(dtype)
-            lora_y = jnp.einsum(spec, jnp.einsum(spec, xd, a), b, preferred_element_type=out_dtype)
+            if spec == DENSE_SPEC:
+                lora_y = matmul(matmul(xd, a, False, dtype), b, False, jnp.dtype(out_dtype))
+            else:
+                lora_y = jnp.einsum(spec, jnp.einsum(spec, xd, a), b, preferred_element_type=out_dtype)
             y = y + lora_y * jnp.asarray(self.scale, out_dtype)
         return y.reshape(*lead, y.shape[-1])
 
