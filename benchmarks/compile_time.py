@@ -11,18 +11,15 @@ to benchmarks/RESULTS.md with the machine and versions.
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
-import platform
 import statistics
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 import jaxlora
+from _results import append_section, machine
 from jaxlora.training.optim import make_optimizer
 from jaxlora.training.step import init_train_state, make_train_step
 
@@ -67,15 +64,12 @@ def main() -> None:
     table += [f"| {n} | {s:.2f} | {u:.2f} | {u / s:.1f}x |" for n, s, u in rows]
     print("\n".join(table))
     if args.write:
-        header = (f"\n## Compile time vs depth ({datetime.date.today()})\n\n"
-                  f"`python benchmarks/compile_time.py --write`: LoRA train step (d={SHAPE['n_embd']}, "
+        header = (f"`python benchmarks/compile_time.py --write`: LoRA train step (d={SHAPE['n_embd']}, "
                   f"{MICRO_BATCHES} micro-batches of [{MICRO_BATCH}, {SEQ}], LoRA r={LORA.r} on all attention and "
                   f"MLP matrices, AdamW), median of {args.repeats} compiles from abstract shapes. Machine: "
-                  f"{platform.machine()} {os.cpu_count()} cores, {jax.default_backend()}; jax {jax.__version__}, "
-                  f"flax {__import__('flax').__version__}. Shared machine: absolute seconds are noisy, the "
-                  "ratio between rows is the point.\n\n")
-        with open(Path(__file__).with_name("RESULTS.md"), "a") as f:
-            f.write(header + "\n".join(table) + "\n")
+                  f"{machine()}. Shared machine: absolute seconds are noisy, the ratio between rows is the point."
+                  "\n\n")
+        append_section("Compile time vs depth", header + "\n".join(table))
 
 
 if __name__ == "__main__":

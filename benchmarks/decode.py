@@ -18,9 +18,7 @@ b * new_tokens / generate. Timed figures are medians of `--repeats` runs after c
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -31,6 +29,7 @@ import numpy as np
 from flax import nnx
 
 import jaxlora
+from _results import append_section, machine
 from jaxlora.generate import Sampling, _generate, _prefill_jit, _settings, left_pad, stop_array
 from jaxlora.training.precision import POLICIES
 
@@ -117,15 +116,11 @@ def main() -> None:
             f"--{k} {' '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in vars(args).items()
             if k != "write" and v is not None) + " --write"
         load_avg = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-        header = (f"\n## Decoding speed ({datetime.date.today()})\n\n"
-                  f"`{command}`: {source}, {n_params / 1e6:.1f}M parameters, {args.precision}; greedy, prompts of "
+        header = (f"`{command}`: {source}, {n_params / 1e6:.1f}M parameters, {args.precision}; greedy, prompts of "
                   f"{args.prompt_len} random tokens, {args.new_tokens} new tokens per row, KV cache of "
                   f"{args.prompt_len + args.new_tokens} slots; medians of {args.repeats} runs after compilation. "
-                  f"Machine: {platform.machine()} {os.cpu_count()} cores, {jax.default_backend()}; jax "
-                  f"{jax.__version__}, flax {__import__('flax').__version__}; load average {load_avg:.1f} at the "
-                  "end (other jobs shared the cores).\n\n")
-        with open(Path(__file__).with_name("RESULTS.md"), "a") as f:
-            f.write(header + "\n".join(table) + "\n")
+                  f"Machine: {machine()}; load average {load_avg:.1f} at the end (other jobs shared the cores).\n\n")
+        append_section("Decoding speed", header + "\n".join(table))
 
 
 if __name__ == "__main__":

@@ -30,12 +30,9 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import argparse  # noqa: E402
-import datetime  # noqa: E402
-import platform  # noqa: E402
 import re  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -44,6 +41,7 @@ from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 import jaxlora  # noqa: E402
+from _results import append_section, machine  # noqa: E402
 from jaxlora.training import sharding as sh  # noqa: E402
 from jaxlora.training.optim import make_optimizer  # noqa: E402
 from jaxlora.training.precision import POLICIES  # noqa: E402
@@ -137,15 +135,12 @@ def main() -> None:
     print(text)
     if args.write:
         command = "python benchmarks/sharding_memory.py " + " ".join(sys.argv[1:])
-        header = (f"\n## Per-device memory: FSDP vs data parallelism, {args.model} ({datetime.date.today()})\n\n"
-                  f"`{command}`: LoRA r={args.rank}, alpha 16, dropout 0.05 on query and value (the llama-2-7b "
+        header = (f"`{command}`: LoRA r={args.rank}, alpha 16, dropout 0.05 on query and value (the llama-2-7b "
                   f"recipe), AdamW, {args.accum_steps} micro-batches of [{args.micro_batch}, {args.seq_length}] per "
                   "device; per-device figures of the compiled step on 8 forced CPU devices (abstract inputs, "
-                  f"`memory_analysis()`). Machine: {platform.machine()} {os.cpu_count()} cores; jax {jax.__version__}, "
-                  f"flax {__import__('flax').__version__}. bf16 rows: the CPU backend computes bf16 dots in f32, so "
+                  f"`memory_analysis()`). Machine: {machine()}. bf16 rows: the CPU backend computes bf16 dots in f32, so "
                   "their temp is an upper bound for GPU/TPU.\n\n")
-        with open(Path(__file__).with_name("RESULTS.md"), "a") as f:
-            f.write(header + text + "\n")
+        append_section(f"Per-device memory: FSDP vs data parallelism, {args.model}", header + text)
 
 
 if __name__ == "__main__":
