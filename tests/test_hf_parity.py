@@ -28,9 +28,11 @@ ATOL = 1e-4
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))
-def test_logits_match_transformers(hf_checkpoints, name):
+def test_logits_match_transformers(hf_checkpoints, name, caplog):
     path, hf_model = hf_checkpoints[name]
-    model = jaxlora.load_model(path, dtype="float32")
+    with caplog.at_level("WARNING", logger="jaxlora.checkpoints.hf"):
+        model = jaxlora.load_model(path, dtype="float32")
+    assert not caplog.records  # the key map reads every tensor the checkpoint holds
     ids = _tokens()
     ours = np.asarray(model(jnp.asarray(ids, jnp.int32)))
     ref = _hf_logits(hf_model, ids)
@@ -124,6 +126,23 @@ def test_missing_tensor_is_named(hf_checkpoints, tmp_path):
     _rewrite(path, tmp_path, lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
     with pytest.raises(CheckpointError, match=r"tensor model\.layers\.1\.mlp\.up_proj\.weight is missing"):
         jaxlora.load_model(tmp_path)
+
+
+def test_unused_tensors_are_reported(hf_checkpoints, tmp_path, caplog):
+    """A tensor the model has no place for (here a Llama o_proj bias, which HF's attention_bias adds)
+    is named in a warning rather than dropped silently; buffers such as rotary inv_freq are not."""
+    path, _ = hf_checkpoints["llama"]
+
+    def add(t):
+        t["model.layers.0.self_attn.o_proj.bias"] = np.ones(32, np.float32)
+        t["model.layers.0.self_attn.rotary_emb.inv_freq"] = np.ones(4, np.float32)
+
+    _rewrite(path, tmp_path, add)
+    with caplog.at_level("WARNING", logger="jaxlora.checkpoints.hf"):
+        jaxlora.load_model(tmp_path)
+    assert len(caplog.records) == 1
+    assert "1 tensor(s)" in caplog.text and "model.layers.0.self_attn.o_proj.bias" in caplog.text
+    assert "inv_freq" not in caplog.text
 
 
 def test_misshaped_tensor_names_both_shapes(hf_checkpoints, tmp_path):

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
+import re
 from pathlib import Path
 
 import jax
@@ -28,6 +30,10 @@ from jaxlora.training.sharding import param_shardings
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+# Tensors some HF checkpoints store that are not weights: rotary and causal-mask buffers.
+BUFFERS = re.compile(r"(rotary_emb\.inv_freq|\.attention\.masked_bias|\.attention\.bias)$")
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,6 +165,7 @@ class SafetensorsReader:
         else:
             raise CheckpointError(f"no {SINGLE_FILE} or {INDEX_FILE} in {directory}")
         self.directory = directory
+        self.used: set[str] = set()  # names handed out by `resolve`
         self._open: dict[Path, object] = {}
 
     @staticmethod
@@ -173,6 +180,7 @@ class SafetensorsReader:
     def resolve(self, names: tuple[str, ...]) -> str:
         for name in names:
             if name in self.files:
+                self.used.add(name)
                 return name
         raise CheckpointError(f"tensor {names[0]} is missing from the checkpoint in {self.directory}")
 
@@ -322,6 +330,11 @@ def load_model(path: str | os.PathLike, *, dtype="float32", lora: LoRAConfig = L
                   _fill({k: v}, top, reader, config, dtype, None, "", shardings)[k] for k, v in base.items()}
     finally:
         reader.close()
+    unused = sorted(n for n in set(reader.files) - reader.used if not BUFFERS.search(n))
+    if unused:
+        log.warning("%s holds %d tensor(s) that the %s model has no place for; they were not loaded, so its "
+                    "outputs may differ from the checkpoint's own model: %s", directory, len(unused), config.name,
+                    ", ".join(unused[:5]) + (", ..." if len(unused) > 5 else ""))
     nnx.replace_by_pure_dict(base_abstract, filled)
     del lora_abstract
     return nnx.merge(graphdef, lora_state, base_abstract)
