@@ -79,7 +79,7 @@ def base_config() -> ml_collections.ConfigDict:
     cfg.eval.max_iters = 100
     cfg.eval.initial_validation = False
     cfg.eval.final_validation = True
-    cfg.eval.max_new_tokens = _optional(100, int)  # sample generation after validation; None: none
+    cfg.eval.max_new_tokens = _optional(100, int)  # sample answers at each validation and before/after; None: none
     cfg.eval.exact_match = False  # also score teacher-forced exact match of the responses (needs mask_prompt)
 
     cfg.optimizer = ml_collections.ConfigDict()

@@ -8,6 +8,8 @@ first i + 1 tokens, so one forward over the final sequence checks every greedy s
 
 from __future__ import annotations
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -268,34 +270,42 @@ def test_cli_evaluate_and_errors(checkpoint, capsys):
         assert exit_info.value.code == 2 and message in err and err.count("\n") == 1
 
 
-def test_validation_sample_logs_the_first_validation_answer(checkpoint, caplog):
+def test_sampler_logs_the_first_validation_answer_and_writes_all(checkpoint, caplog, tmp_path):
     import logging
 
     from jaxlora.config import base_config
     from jaxlora.data import Tokenizer
+    from jaxlora.data.prompts import PromptStyle
     from jaxlora.data.sft import load_sft_records
     from jaxlora.models.lora import split_lora
-    from jaxlora.training.loop import validation_sample
+    from jaxlora.training.samples import Sampler
 
     ckpt, _, adapted, data = checkpoint
     cfg = base_config()
     cfg.data.update(name="json", json_path=str(data), val_split_fraction=0.25, prompt_style="default")
-    cfg.eval.max_new_tokens = 6
     tokenizer = Tokenizer(ckpt)
     graphdef, lora, base = split_lora(adapted)
-    sample = validation_sample(cfg, graphdef, base, tokenizer, "tiny-llama", max_seq_length=64)
+    val = load_sft_records(cfg.data)[1]
+    style = PromptStyle.from_name("default")
+    sampler = Sampler(graphdef, base, val, style, tokenizer, max_new_tokens=6, max_seq_length=64, count=2)
     with caplog.at_level(logging.INFO, logger="jaxlora"):
-        sample(lora, 7)
-    instruction = load_sft_records(cfg.data)[1][0]["instruction"]
+        sampler.at_validation(lora, 7)
+    instruction = val[0]["instruction"]
     expected = _greedy_text(adapted, tokenizer, instruction, 6)
     assert caplog.messages[-1] == f"step 7 sample answer to {instruction!r}: {expected!r}"
-    assert validation_sample(cfg, graphdef, base, tokenizer, "tiny-llama", max_seq_length=10) is None
-    cfg.eval.max_new_tokens = None
-    assert validation_sample(cfg, graphdef, base, tokenizer, "tiny-llama", max_seq_length=64) is None
+    sampler.generate("after", lora)
+    written = sampler.write(tmp_path)
+    assert [s["expected"] for s in written] == [r["output"] for r in val[:2]] and written[0]["after"] == expected
+    assert written[0]["prompt"] == style.apply(instruction, input=val[0].get("input", ""))
+    assert json.loads((tmp_path / "samples.json").read_text()) == written
+    short = Sampler(graphdef, base, val, style, tokenizer, max_new_tokens=6, max_seq_length=8)
+    assert short.samples == []  # every prompt plus 6 new tokens exceeds 8
+    short.at_validation(lora, 8)
+    assert not any(m.startswith("step 8") for m in caplog.messages)  # nothing generated, nothing logged
 
 
 def test_fit_calls_sample_after_each_validation(tmp_path):
-    """The hook `finetune` fills with `validation_sample`; fake steps, so nothing compiles."""
+    """The hook `finetune` fills with `Sampler.at_validation`; fake steps, so nothing compiles."""
     from jaxlora.training.loop import FitSettings, fit
     from jaxlora.training.sharding import make_mesh
     from jaxlora.training.step import TrainState

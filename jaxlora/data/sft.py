@@ -149,7 +149,18 @@ def load_sft_splits(
     * ``download_dir``: cache root for named sets, files land in ``<download_dir>/<name>/`` (``"data"``).
     * ``url``: replaces the named set's download URL.
     """
-    train_records, val_records = load_sft_records(data_cfg)
+    return tokenize_splits(*load_sft_records(data_cfg), data_cfg, tokenizer, max_seq_length, model_name)
+
+
+def tokenize_splits(
+    train_records: Sequence[Record],
+    val_records: Sequence[Record],
+    data_cfg: Any,
+    tokenizer: Tokenizer,
+    max_seq_length: int | None,
+    model_name: str | None = None,
+) -> tuple[list[Example], list[Example]]:
+    """``load_sft_splits`` for records already loaded (by ``load_sft_records``)."""
     prompt_style = resolve_prompt_style(getattr(data_cfg, "prompt_style", None), model_name or tokenizer.model_name)
     settings = dict(
         max_seq_length=max_seq_length,

@@ -88,7 +88,7 @@ def fit(state: TrainState, base, *, train_step, eval_step, train_batches: Iterat
     checkpoints: a `checkpoints.orbax.CheckpointManager` (None: no saving); data_position()
       gives the iterator position after the current step's batch, saved with the state.
     flops_per_token / peak_flops: for MFU in the summary (see `metrics`); None: no MFU.
-    sample(lora, step): called after each validation in the loop (e.g. `validation_sample`).
+    sample(lora, step): called after each validation in the loop (e.g. `Sampler.at_validation`).
     """
     s = settings
     out_dir = Path(out_dir)
@@ -310,9 +310,8 @@ def finetune(cfg) -> FitResult:
     """
     from jaxlora import load_model
     from jaxlora.config import accumulation_steps, validate
-    from jaxlora.data import BatchIterator, Tokenizer, effective_seq_length, eval_batches, load_sft_splits
-    from jaxlora.data import steps_per_epoch
-    from jaxlora.data.sft import resolve_prompt_style
+    from jaxlora.data import BatchIterator, Tokenizer, effective_seq_length, eval_batches, steps_per_epoch
+    from jaxlora.data.sft import load_sft_records, resolve_prompt_style, tokenize_splits
     from jaxlora.training.samples import Sampler
 
     t = cfg.train
@@ -342,7 +341,9 @@ def finetune(cfg) -> FitResult:
 
     tokenizer = Tokenizer(cfg.checkpoint_dir)
     max_seq_length = t.max_seq_length or model_config.block_size
-    train_data, val_data = load_sft_splits(cfg.data, tokenizer, max_seq_length, model_name=model_config.name)
+    train_records, val_records = load_sft_records(cfg.data)
+    train_data, val_data = tokenize_splits(train_records, val_records, cfg.data, tokenizer, max_seq_length,
+                                           model_name=model_config.name)
     seq_len = effective_seq_length(list(train_data) + list(val_data), max_seq_length)
     total_steps = run_length(steps_per_epoch(len(train_data), t.global_batch_size, drop_last=False),
                              t.epochs, t.max_steps)
@@ -392,9 +393,8 @@ def finetune(cfg) -> FitResult:
         tensorboard=cfg.logger.tensorboard)
     sampler = None
     if cfg.eval.max_new_tokens and val_data:
-        stops = resolve_prompt_style(cfg.data.prompt_style, model_config.name).stop_tokens(tokenizer)
-        sampler = Sampler(graphdef, base, val_data, tokenizer, stops, max_new_tokens=cfg.eval.max_new_tokens,
-                          ignore_index=cfg.data.ignore_index)
+        sampler = Sampler(graphdef, base, val_records, resolve_prompt_style(cfg.data.prompt_style, model_config.name),
+                          tokenizer, max_new_tokens=cfg.eval.max_new_tokens, max_seq_length=max_seq_length)
         if cfg.eval.initial_validation:
             sampler.generate("before", state.lora)
     try:
@@ -407,7 +407,7 @@ def finetune(cfg) -> FitResult:
             checkpoints=checkpoints, data_position=batches.position, run_config=json.loads(cfg.to_json_best_effort()),
             flops_per_token=run_metrics.model_flops_per_token(model_config, n_lora, seq_len),
             peak_flops=run_metrics.device_peak_flops(dtype=policy.compute_dtype),
-            sample=validation_sample(cfg, graphdef, base, tokenizer, model_config.name, max_seq_length))
+            sample=None if sampler is None else sampler.at_validation)
     finally:
         checkpoints.close()
     if sampler is not None:
@@ -425,35 +425,6 @@ def finetune(cfg) -> FitResult:
         except CheckpointError as e:
             log.warning("no PEFT adapter written: %s", e)
     return result
-
-
-def validation_sample(cfg, graphdef, base, tokenizer, model_name: str, max_seq_length: int):
-    """-> sample(lora, step) that logs the greedy answer to the first validation instruction (else the
-    first training one) in the run's prompt style, as LitGPT's generate_example; None when
-    `eval.max_new_tokens` is unset or the prompt plus max_new_tokens exceeds `max_seq_length`."""
-    from flax import nnx
-
-    from jaxlora.data.sft import load_sft_records, resolve_prompt_style
-    from jaxlora.generate import generate
-
-    n = cfg.eval.max_new_tokens
-    if not n:
-        return None
-    train_records, val_records = load_sft_records(cfg.data)
-    instruction = (val_records or train_records)[0]["instruction"]
-    style = resolve_prompt_style(cfg.data.prompt_style, model_name)
-    prompt = tokenizer.encode(style.apply(instruction))
-    if len(prompt) + n > max_seq_length:
-        log.info("no sample answers at validation: the prompt (%d tokens) plus eval.max_new_tokens (%d) exceeds "
-                 "the sequence length %d", len(prompt), n, max_seq_length)
-        return None
-    stops = style.stop_tokens(tokenizer)
-
-    def sample(lora, step: int) -> None:
-        (answer,) = generate(nnx.merge(graphdef, lora, base), [prompt], max_new_tokens=n, stop_tokens=stops)
-        log.info("step %d sample answer to %r: %r", step, instruction, tokenizer.decode(answer))
-
-    return sample
 
 
 def mesh_from_config(mesh_cfg):

@@ -1,9 +1,10 @@
-"""Sample answers: greedy generations for the first validation prompts, before and after training.
+"""Sample answers: greedy generations for the first validation prompts while training.
 
-A validation example's prompt is its tokens before the first labelled target, so samples need
-masked prompts (`data.mask_prompt=True`); the reference answer is the labelled rest. `finetune`
-generates them when `eval.max_new_tokens` is set ("before" only with the initial validation),
-logs them and writes `<out_dir>/samples.json`.
+`finetune` makes one `Sampler` when `eval.max_new_tokens` is set and there is validation data.
+At each validation it logs the answer to the first prompt (as LitGPT's generate_example); before
+training (with the initial validation) and after it, it answers all of them, logs them side by
+side and writes `<out_dir>/samples.json`. A prompt is the record's instruction (and input) in the
+run's prompt style; the reference answer is the record's output.
 """
 
 from __future__ import annotations
@@ -15,59 +16,69 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import jax
-import numpy as np
 from flax import nnx
 
 from jaxlora.data import Tokenizer
+from jaxlora.data.prompts import PromptStyle
+from jaxlora.data.sources import Record
 from jaxlora.generate import generate
 
 log = logging.getLogger(__name__)
 
-COUNT = 3  # validation examples sampled
-
-
-def prompt_and_response(example: dict, ignore_index: int = -100) -> tuple[np.ndarray, np.ndarray] | None:
-    """(prompt ids, response ids) of a tokenized example, or None when its prompt is not masked."""
-    labelled = np.flatnonzero(np.asarray(example["labels"]) != ignore_index)
-    if len(labelled) == 0 or labelled[0] == 0:
-        return None
-    return example["input_ids"][:labelled[0]], example["input_ids"][labelled[0]:]
+COUNT = 3  # validation records sampled
 
 
 class Sampler:
-    """Generates answers to the prompts of the first `count` `examples` for several LoRA states."""
+    """Greedy answers to the prompts of the first `count` `records` for several LoRA states.
 
-    def __init__(self, graphdef, base, examples: Sequence[dict], tokenizer: Tokenizer, stop_tokens, *,
-                 max_new_tokens: int, ignore_index: int = -100, count: int = COUNT):
-        self.graphdef, self.base, self.tokenizer, self.stop_tokens = graphdef, base, tokenizer, stop_tokens
+    Prompts whose tokens plus `max_new_tokens` exceed `max_seq_length` are left out.
+    """
+
+    def __init__(self, graphdef, base, records: Sequence[Record], style: PromptStyle, tokenizer: Tokenizer, *,
+                 max_new_tokens: int, max_seq_length: int, count: int = COUNT):
+        self.graphdef, self.base, self.tokenizer = graphdef, base, tokenizer
+        self.stop_tokens = style.stop_tokens(tokenizer)
         self.max_new_tokens = max_new_tokens
-        pairs = [prompt_and_response(e, ignore_index) for e in examples[:count]]
-        if any(p is None for p in pairs):
-            log.info("no sample generations: they need masked prompts (data.mask_prompt=True)")
-            pairs = []
-        self.pairs = pairs
+        self.samples = []  # {"instruction", "prompt", "expected", "ids"}
+        for record in records[:count]:
+            prompt = style.apply(record["instruction"], input=record.get("input", ""))
+            ids = tokenizer.encode(prompt)
+            if len(ids) + max_new_tokens <= max_seq_length:
+                self.samples.append({"instruction": record["instruction"], "prompt": prompt,
+                                     "expected": record["output"], "ids": ids})
+        if records and not self.samples:
+            log.info("no sample answers: the prompts plus eval.max_new_tokens (%d) exceed the sequence length %d",
+                     max_new_tokens, max_seq_length)
         self.generated: dict[str, list[str]] = {}
 
-    def generate(self, when: str, lora) -> None:
-        """Greedy answers of the model with LoRA params `lora`, kept under the name `when`."""
-        if not self.pairs:
-            return
+    def _answers(self, lora, samples: list[dict]) -> list[str]:
         model = nnx.merge(self.graphdef, lora, self.base)
-        outputs = generate(model, [p for p, _ in self.pairs], max_new_tokens=self.max_new_tokens,
+        outputs = generate(model, [s["ids"] for s in samples], max_new_tokens=self.max_new_tokens,
                            stop_tokens=self.stop_tokens)
-        self.generated[when] = [self.tokenizer.decode(o) for o in outputs]
+        return [self.tokenizer.decode(o) for o in outputs]
+
+    def at_validation(self, lora, step: int) -> None:
+        """Log the answer to the first prompt of the model with LoRA params `lora` (the `fit` hook)."""
+        if self.samples:
+            (answer,) = self._answers(lora, self.samples[:1])
+            log.info("step %d sample answer to %r: %r", step, self.samples[0]["instruction"], answer)
+
+    def generate(self, when: str, lora) -> None:
+        """Greedy answers to every prompt of the model with LoRA params `lora`, kept under the name `when`."""
+        if self.samples:
+            self.generated[when] = self._answers(lora, self.samples)
 
     def write(self, out_dir: str | os.PathLike) -> list[dict]:
         """Log the samples and write `<out_dir>/samples.json` (process 0); returns them.
 
         The log shows each prompt without the lines that all sample prompts share (the preamble).
         """
-        prompts = [self.tokenizer.decode(p) for p, _ in self.pairs]
-        samples = [{"prompt": prompt, "expected": self.tokenizer.decode(response),
+        samples = [{"prompt": s["prompt"], "expected": s["expected"],
                     **{when: texts[i] for when, texts in self.generated.items()}}
-                   for i, (prompt, (_, response)) in enumerate(zip(prompts, self.pairs))]
+                   for i, s in enumerate(self.samples)]
         if jax.process_index() != 0 or not samples:
             return samples
+        prompts = [s["prompt"] for s in samples]
         shared = os.path.commonprefix(prompts) if len(prompts) > 1 else ""
         shared = shared[:shared.rfind("\n") + 1]
         for i, sample in enumerate(samples, 1):
