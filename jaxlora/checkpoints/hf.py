@@ -217,7 +217,7 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarra
         raise CheckpointError(f"cannot read {path}: {e}") from None
 
 
-def _hf_shape(src: Source, ours: tuple[int, ...], config: ModelConfig) -> tuple[int, ...]:
+def hf_shape(src: Source, ours: tuple[int, ...], config: ModelConfig) -> tuple[int, ...]:
     """The shape the raw HF tensor must have for our (per-layer, per-expert) shape `ours`."""
     shape = ours[::-1] if src.transpose and len(ours) == 2 else ours
     if src.part is None:
@@ -226,7 +226,7 @@ def _hf_shape(src: Source, ours: tuple[int, ...], config: ModelConfig) -> tuple[
     return (rows,) + shape[1:]
 
 
-def _cut(w: np.ndarray, part: tuple, config: ModelConfig) -> np.ndarray:
+def fused_rows(w: np.ndarray, part: tuple, config: ModelConfig) -> np.ndarray:
     """The rows of a fused HF tensor [rows, ...] that belong to one of our layers."""
     if part[0] == "halves":
         half = w.shape[0] // 2
@@ -254,12 +254,12 @@ def _read(reader: SafetensorsReader, src: Source, ours: tuple[int, ...], config:
                          for e in range(src.experts)])
     names = tuple(n.format(i=layer) if layer is not None else n for n in src.names)
     name = reader.resolve(names)
-    expected, got = _hf_shape(src, ours, config), reader.shape(name)
+    expected, got = hf_shape(src, ours, config), reader.shape(name)
     if got != expected:
         raise CheckpointError(f"tensor {name} has shape {list(got)} but the config.json implies {list(expected)}")
     w = reader.get(name)
     if src.part is not None:
-        w = _cut(w, src.part, config)
+        w = fused_rows(w, src.part, config)
     if src.transpose and w.ndim == 2:
         w = w.T
     return np.asarray(w, dtype=dtype)

@@ -2,7 +2,7 @@
 
 The tensors are the exact inverse of `hf.key_map`: our [in, out] kernels are transposed back to
 HF's [out, in], fused tensors (Phi-3's qkv and gate/up, Falcon/GPT-NeoX query_key_value) are
-reassembled by writing each part into the rows that `hf._cut` reads it from, stacked layers and
+reassembled by writing each part into the rows that `hf.fused_rows` reads it from, stacked layers and
 experts are unstacked into HF's per-layer / per-expert names. One layer's tensors are on the host
 at a time (plus the shard being filled).
 
@@ -25,7 +25,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jaxlora.checkpoints.hf import INDEX_FILE, SINGLE_FILE, Source, _cut, _hf_shape, key_map
+from jaxlora.checkpoints.hf import INDEX_FILE, SINGLE_FILE, Source, fused_rows, hf_shape, key_map
 from jaxlora.checkpoints.hf_config import check_hf_config, hf_config_dict
 from jaxlora.errors import CheckpointError
 from jaxlora.models.config import ModelConfig
@@ -116,7 +116,7 @@ def _assemble(leaves: list[tuple[Source, np.ndarray]], config: ModelConfig, dtyp
         for s, w in pieces:
             # names[-1] is the name transformers' save_pretrained writes (see `hf.Source`).
             name = s.names[-1].format(i=layer) if layer is not None else s.names[-1]
-            hf_shape = _hf_shape(s, w.shape, config)
+            shape = hf_shape(s, w.shape, config)
             if s.transpose and w.ndim == 2:
                 w = w.T
             w = w.astype(dtype)
@@ -124,9 +124,9 @@ def _assemble(leaves: list[tuple[Source, np.ndarray]], config: ModelConfig, dtyp
                 out.append((name, np.ascontiguousarray(w)))
                 continue
             if name not in fused:
-                fused[name] = (np.zeros(hf_shape, dtype), np.zeros(hf_shape[0], bool))
+                fused[name] = (np.zeros(shape, dtype), np.zeros(shape[0], bool))
             tensor, written = fused[name]
-            rows = _cut(np.arange(hf_shape[0]), s.part, config)
+            rows = fused_rows(np.arange(shape[0]), s.part, config)
             tensor[rows] = w
             written[rows] = True
     for name, (tensor, written) in fused.items():

@@ -8,7 +8,7 @@ kernel Source names the transformers module (`names[0]` minus ".weight"). PEFT s
 Fused HF modules (Phi-3's qkv_proj and gate_up_proj, Falcon/GPT-NeoX query_key_value) hold
 several of our layers. Their independent adapters (A_p, B_p) become one PEFT adapter of rank
 k * r (k adapted parts): A = [A_1; ...; A_k] stacked along the rank, B block-structured (part p's
-rows, as `hf._cut` reads them, hold B_p in rank block p, zeros elsewhere), so B A = the
+rows, as `hf.fused_rows` reads them, hold B_p in rank block p, zeros elsewhere), so B A = the
 per-part deltas exactly. The scale is kept through `rank_pattern` / `alpha_pattern`
 (alpha * k, or alpha * sqrt(k) with rsLoRA). The safetensors metadata records our LoRAConfig, so
 such a file loads back into rank-r adapters. A PEFT-trained fused adapter of rank r (dense A, B)
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxlora.checkpoints.hf import Source, _cut, _hf_shape, key_map, read_safetensors
+from jaxlora.checkpoints.hf import Source, fused_rows, hf_shape, key_map, read_safetensors
 from jaxlora.errors import CheckpointError
 from jaxlora.models.config import ModelConfig
 from jaxlora.models.lora import LoRAConfig
@@ -124,11 +124,11 @@ def _fuse(config: ModelConfig, parts: list[tuple[Site, np.ndarray, np.ndarray]])
     if site.kernel.part is None:
         return np.ascontiguousarray(a.T), np.ascontiguousarray(b.T)
     r = a.shape[-1]
-    rows = _hf_shape(site.kernel, (a.shape[0], b.shape[1]), config)[0]
+    rows = hf_shape(site.kernel, (a.shape[0], b.shape[1]), config)[0]
     big_a = np.ascontiguousarray(np.concatenate([p_a.T for _, p_a, _ in parts]))  # save_file writes raw buffers
     big_b = np.zeros((rows, len(parts) * r), np.float32)
     for j, (s, _, p_b) in enumerate(parts):
-        big_b[_cut(np.arange(rows), s.kernel.part, config), j * r:(j + 1) * r] = p_b.T
+        big_b[fused_rows(np.arange(rows), s.kernel.part, config), j * r:(j + 1) * r] = p_b.T
     return big_a, big_b
 
 
@@ -307,7 +307,7 @@ def _split(config: ModelConfig, group: list[Site], ab: dict, lora: LoRAConfig, k
     kernel = group[0].kernel
     big_a, big_b = ab["A"], ab["B"]
     k = len(group) if native and kernel.part is not None else 1
-    expected = ((k * r, kernel_shape[0]), (_hf_shape(kernel, kernel_shape, config)[0], k * r))
+    expected = ((k * r, kernel_shape[0]), (hf_shape(kernel, kernel_shape, config)[0], k * r))
     if (big_a.shape, big_b.shape) != expected:
         raise CheckpointError(f"{where} has lora_A/lora_B shapes {list(big_a.shape)}/{list(big_b.shape)} but the "
                               f"base checkpoint and rank imply {list(expected[0])}/{list(expected[1])}")
@@ -316,7 +316,7 @@ def _split(config: ModelConfig, group: list[Site], ab: dict, lora: LoRAConfig, k
     rows = np.arange(big_b.shape[0])
     out = []
     for j, site in enumerate(group):
-        b = big_b[_cut(rows, site.kernel.part, config)]
+        b = big_b[fused_rows(rows, site.kernel.part, config)]
         cols = slice(j * r, (j + 1) * r)
         if k > 1 and (np.any(b[:, :j * r]) or np.any(b[:, (j + 1) * r:])):
             raise CheckpointError(f"{where} is not block-structured as its jaxlora metadata says")

@@ -24,7 +24,7 @@ import numpy as np
 from flax import nnx
 
 from jaxlora.models.config import ModelConfig
-from jaxlora.models.lora import TRANSPOSED_SPEC, LoRAConfig, LoRALinear, _axes
+from jaxlora.models.lora import TRANSPOSED_SPEC, LoRAConfig, LoRALinear, logical_axes
 
 REMAT_CHOICES = ("none", "block")  # or any name in jax.checkpoint_policies
 
@@ -37,8 +37,8 @@ class Norm(nnx.Module):
         self.eps = config.norm_eps
         self.unit_offset = config.norm_unit_offset
         init = jnp.zeros if self.unit_offset else jnp.ones
-        self.weight = nnx.Param(init((size,), param_dtype), **_axes(("embed",)))
-        self.bias = (nnx.Param(jnp.zeros((size,), param_dtype), **_axes(("embed",)))
+        self.weight = nnx.Param(init((size,), param_dtype), **logical_axes(("embed",)))
+        self.bias = (nnx.Param(jnp.zeros((size,), param_dtype), **logical_axes(("embed",)))
                      if self.kind == "LayerNorm" else None)
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -193,7 +193,7 @@ class MLP(nnx.Module):
         if self.kind == "LLaMAMoE":
             bound = 1.0 / math.sqrt(c.n_embd)
             self.router = nnx.Param(jax.random.uniform(rngs.params(), (c.n_embd, c.n_expert), param_dtype,
-                                                       -bound, bound), **_axes(("embed", None)))
+                                                       -bound, bound), **logical_axes(("embed", None)))
             self.top_k = c.n_expert_per_token
 
     def __call__(self, x, keys):
@@ -275,7 +275,7 @@ class GPT(nnx.Module):
         self.compute_dtype = jnp.dtype(compute_dtype or param_dtype)
         self.scan_layers, self.remat = scan_layers, remat
         self.wte = nnx.Param(0.02 * jax.random.normal(rngs.params(), (c.padded_vocab_size, c.n_embd), param_dtype),
-                             **_axes(("vocab", "embed")))
+                             **logical_axes(("vocab", "embed")))
 
         @nnx.split_rngs(splits=c.n_layer)
         @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})

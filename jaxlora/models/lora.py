@@ -94,7 +94,8 @@ class LoRAConfig:
         return tuple(t for t in LORA_TARGETS if getattr(self, t)) if self.r else ()
 
 
-def _axes(names: tuple, eager: bool = False) -> dict:
+def logical_axes(names: tuple, eager: bool = False) -> dict:
+    """Param metadata naming each axis (`training.sharding.RULES` maps the names to mesh axes)."""
     return dict(out_sharding=names, eager_sharding=eager)
 
 
@@ -118,18 +119,18 @@ class LoRALinear(nnx.Module):
             bound = 1.0 / math.sqrt(in_features)  # torch nn.Linear default; HF weights overwrite it
             self.kernel = nnx.Param(
                 jax.random.uniform(rngs.params(), lead_shape + (in_features, out_features), param_dtype,
-                                   -bound, bound), **_axes(lead_axes + axes))
+                                   -bound, bound), **logical_axes(lead_axes + axes))
         else:
             self.kernel = None
-        self.bias = (nnx.Param(jnp.zeros(lead_shape + (out_features,), param_dtype), **_axes(lead_axes + (axes[1],)))
-                     if use_bias else None)
+        self.bias = (nnx.Param(jnp.zeros(lead_shape + (out_features,), param_dtype),
+                               **logical_axes(lead_axes + (axes[1],))) if use_bias else None)
         if rank:
             bound = 1.0 / math.sqrt(in_features)
             self.lora_a = nnx.LoRAParam(
                 jax.random.uniform(rngs.params(), lead_shape + (in_features, rank), jnp.float32, -bound, bound),
-                **_axes(lead_axes + (axes[0], None)))
+                **logical_axes(lead_axes + (axes[0], None)))
             self.lora_b = nnx.LoRAParam(jnp.zeros(lead_shape + (rank, out_features), jnp.float32),
-                                        **_axes(lead_axes + (None, axes[1])))
+                                        **logical_axes(lead_axes + (None, axes[1])))
         else:
             self.lora_a = self.lora_b = None
 
