@@ -21,6 +21,7 @@ from flax import nnx
 from jaxlora.data import Tokenizer
 from jaxlora.models.config import ModelConfig
 from jaxlora.models.gpt import GPT
+from jaxlora.training.optim import make_optimizer
 from jaxlora.training.step import sequence_loss
 
 log = logging.getLogger(__name__)
@@ -55,10 +56,8 @@ def pretrain(config: ModelConfig, rows: np.ndarray, *, steps: int, batch_size: i
     shuffled order, reshuffled every epoch); logs the mean loss every `log_every` steps."""
     model = GPT(config, param_dtype=jnp.float32, rngs=nnx.Rngs(seed))
     graphdef, params = nnx.split(model)
-    warmup = min(warmup, steps // 10)
-    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, steps, end_value=lr / 10)
-    optimizer = optax.chain(optax.clip_by_global_norm(1.0),
-                            optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=weight_decay))
+    optimizer, _ = make_optimizer("adamw", lr=lr, total_steps=steps, weight_decay=weight_decay, betas=(0.9, 0.95),
+                                  warmup_steps=min(warmup, steps // 10), min_lr=lr / 10, max_norm=1.0)
     opt_state = optimizer.init(params)
     step = make_step(graphdef, optimizer)
     rng = np.random.default_rng(seed)
