@@ -17,7 +17,7 @@ import dataclasses
 import json
 import os
 import shutil
-import tempfile
+import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -179,12 +179,11 @@ def atomic_directory(out_dir: str | os.PathLike) -> Iterator[Path]:
         raise CheckpointError(f"{out} already exists and is not an empty directory; choose a new output "
                               "directory or remove it")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    # Not tempfile.mkdtemp: its directory is private (0700), and the result should get the usual mode.
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
     try:
         yield tmp
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp made it private (0700); the result gets the usual mode
         if out.exists():
             out.rmdir()
         os.rename(tmp, out)
