@@ -190,5 +190,6 @@ def test_finetune_job_end_to_end_and_resume(tmp_path, monkeypatch):
     assert [int(r["step"]) for r in _rows(tmp_path / "out")] == [1, 2, 3]
 
     cfg.resume = False  # a fresh run into that out_dir would leave the old steps looking like its own
+    monkeypatch.setattr(jaxlora, "load_model", lambda *a, **k: pytest.fail("loaded the model before refusing"))
     with pytest.raises(ConfigError, match=r"already holds steps \[2, 3\].*resume=auto"):
         finetune(cfg)

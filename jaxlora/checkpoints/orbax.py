@@ -170,6 +170,12 @@ class CheckpointManager:
         self._mgr.reload()
 
 
+def saved_steps(out_dir: str | os.PathLike) -> list[int]:
+    """The step numbers of the step directories under `<out_dir>/checkpoints`, complete or not."""
+    root = Path(out_dir) / CHECKPOINTS_DIR
+    return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit()) if root.is_dir() else []
+
+
 def resolve_resume(resume: bool | str | os.PathLike | None,
                    out_dir: str | os.PathLike) -> tuple[Path, int | None] | None:
     """Where to resume from: None (start fresh) or (out_dir holding `checkpoints/`, step or None = newest).
@@ -181,12 +187,11 @@ def resolve_resume(resume: bool | str | os.PathLike | None,
     if resume in (None, False, "", "false", "False"):
         return None
     if resume in (True, "auto", "true", "True"):
-        root = Path(out_dir) / CHECKPOINTS_DIR
-        has_steps = root.is_dir() and any(p.name.isdigit() for p in root.iterdir())
-        if not has_steps:
+        if not saved_steps(out_dir):
             if resume == "auto":
                 return None
-            raise CheckpointError(f"resume is set but {root} holds no checkpoint; use resume='auto' to start fresh")
+            raise CheckpointError(f"resume is set but {Path(out_dir) / CHECKPOINTS_DIR} holds no checkpoint; use "
+                                  "resume='auto' to start fresh")
         return Path(out_dir), None
     path = Path(resume)
     if path.name.isdigit() and path.parent.name == CHECKPOINTS_DIR:

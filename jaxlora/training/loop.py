@@ -29,7 +29,7 @@ import numpy as np
 from flax.traverse_util import flatten_dict
 from tqdm import tqdm
 
-from jaxlora.checkpoints.orbax import CheckpointManager, resolve_resume
+from jaxlora.checkpoints.orbax import CHECKPOINTS_DIR, CheckpointManager, resolve_resume, saved_steps
 from jaxlora.errors import ConfigError, JaxloraError
 from jaxlora.models.config import ModelConfig
 from jaxlora.models.lora import LoRAConfig, split_lora
@@ -328,6 +328,11 @@ def finetune(cfg) -> FitResult:
     validate(cfg, dp, backend_supports_bf16=backend_supports_bf16() or jax.default_backend() == "cpu",
              model_block_size=model_config.block_size)
     accum = accumulation_steps(cfg, dp)
+    resume = resolve_resume(cfg.resume, cfg.out_dir)
+    old_steps = saved_steps(cfg.out_dir)
+    if resume is None and old_steps:  # checked before any loading: a fresh run would mix its steps with these
+        raise ConfigError(f"{Path(cfg.out_dir) / CHECKPOINTS_DIR} already holds steps {old_steps} of an earlier run; "
+                          "continue it with --config.resume=auto, or choose another out_dir (or remove it)")
 
     lora_config = LoRAConfig(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, query=cfg.lora_query,
                              key=cfg.lora_key, value=cfg.lora_value, projection=cfg.lora_projection,
@@ -362,10 +367,6 @@ def finetune(cfg) -> FitResult:
     c = cfg.checkpoint
     checkpoints = CheckpointManager(cfg.out_dir, max_to_keep=c.max_to_keep, keep_best=c.keep_best,
                                     async_save=c.async_save)
-    resume = resolve_resume(cfg.resume, cfg.out_dir)
-    if resume is None and checkpoints.all_steps():  # a fresh run would mix its steps with the old ones
-        raise ConfigError(f"{checkpoints.directory} already holds steps {checkpoints.all_steps()} of an earlier "
-                          "run; continue it with --config.resume=auto, or choose another out_dir (or remove it)")
     if resume is not None:
         source_dir, step = resume
         own = Path(source_dir).absolute() == Path(cfg.out_dir).absolute()
