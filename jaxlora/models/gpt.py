@@ -24,7 +24,7 @@ import numpy as np
 from flax import nnx
 
 from jaxlora.models.config import ModelConfig
-from jaxlora.models.lora import TRANSPOSED_SPEC, LoRAConfig, LoRALinear, logical_axes
+from jaxlora.models.lora import LoRAConfig, LoRALinear, logical_axes
 
 REMAT_CHOICES = ("none", "block")  # or any name in jax.checkpoint_policies
 
@@ -383,7 +383,7 @@ class GPT(nnx.Module):
         """hidden [..., n_embd] -> fp32 logits [..., padded_vocab_size] (final soft-capping applied)."""
         if self.lm_head.kernel is None:  # tied: contract the [vocab, embd] embedding as stored; a transposed
             # view is copied whole when it enters the loss-chunk loop (XLA gives loop operands the default layout)
-            y = self.lm_head(hidden, kernel=self.wte[...], kernel_spec=TRANSPOSED_SPEC, out_dtype=jnp.float32)
+            y = self.lm_head(hidden, kernel=self.wte[...], kernel_transposed=True, out_dtype=jnp.float32)
         else:
             y = self.lm_head(hidden, out_dtype=jnp.float32)
         cap = self.config.final_logit_softcapping

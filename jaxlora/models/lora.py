@@ -22,7 +22,6 @@ from jaxlora.errors import ConfigError
 
 LORA_TARGETS = ("query", "key", "value", "projection", "mlp", "head")
 DENSE_SPEC = "...i,io->...o"  # x [..., in] times kernel [in, out]
-TRANSPOSED_SPEC = "...i,oi->...o"  # x [..., in] times kernel [out, in] (a tied embedding)
 
 
 def _dot(a: jax.Array, b: jax.Array, a_dim: int, b_dim: int) -> jax.Array:
@@ -134,14 +133,14 @@ class LoRALinear(nnx.Module):
         else:
             self.lora_a = self.lora_b = None
 
-    def __call__(self, x: jax.Array, *, kernel: jax.Array | None = None, kernel_spec: str | None = None,
+    def __call__(self, x: jax.Array, *, kernel: jax.Array | None = None, kernel_transposed: bool = False,
                  dropout_key: jax.Array | None = None, spec: str = DENSE_SPEC, out_dtype=None) -> jax.Array:
         """x: [..., in] in the compute dtype -> [..., out] in `out_dtype` (default x's dtype).
 
-        `spec` contracts x with the kernel; it is reused for x A and (x A) B, so it must not name
-        the in/out sizes (expert-batched layers use "...ei,eio->...eo"). `kernel_spec` (default
-        `spec`) contracts x with a caller's `kernel`, e.g. TRANSPOSED_SPEC for a tied embedding.
-        Dense layers multiply with `matmul` (fp32 accumulation, fast bf16 backward).
+        Dense layers (`spec` DENSE_SPEC) multiply with `matmul` (fp32 accumulation, fast bf16
+        backward); `kernel` is a caller's kernel, [out, in] if `kernel_transposed` (a tied embedding).
+        Other `spec`s are einsums, reused for x A and (x A) B, so they must not name the in/out sizes
+        (expert-batched layers use "...ei,eio->...eo").
         """
         dtype = x.dtype
         out_dtype = out_dtype or dtype
@@ -149,9 +148,9 @@ class LoRALinear(nnx.Module):
         w = (self.kernel[...] if kernel is None else kernel).astype(dtype)
         if spec == DENSE_SPEC:  # as 2-D dots: XLA's CPU backend makes slow transposed copies of the
             x = x.reshape(-1, x.shape[-1])  # gradients of [b, t, .] ones (2-3x the step time at 5-100M params)
-            y = matmul(x, w, kernel_spec == TRANSPOSED_SPEC, jnp.dtype(out_dtype))
+            y = matmul(x, w, kernel_transposed, jnp.dtype(out_dtype))
         else:
-            y = jnp.einsum(kernel_spec or spec, x, w, preferred_element_type=out_dtype)
+            y = jnp.einsum(spec, x, w, preferred_element_type=out_dtype)
         if self.bias is not None:
             y = y + self.bias[...].astype(out_dtype)
         if self.rank:
