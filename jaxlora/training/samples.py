@@ -51,22 +51,22 @@ class Sampler:
                      max_new_tokens, max_seq_length)
         self.generated: dict[str, list[str]] = {}
 
-    def _answers(self, lora, samples: list[dict]) -> list[str]:
+    def _answers(self, lora) -> list[str]:
+        """Greedy answers to every prompt (always the same batch: one compiled generation serves all calls)."""
         model = nnx.merge(self.graphdef, lora, self.base)
-        outputs = generate(model, [s["ids"] for s in samples], max_new_tokens=self.max_new_tokens,
+        outputs = generate(model, [s["ids"] for s in self.samples], max_new_tokens=self.max_new_tokens,
                            stop_tokens=self.stop_tokens)
         return [self.tokenizer.decode(o) for o in outputs]
 
     def at_validation(self, lora, step: int) -> None:
         """Log the answer to the first prompt of the model with LoRA params `lora` (the `fit` hook)."""
         if self.samples:
-            (answer,) = self._answers(lora, self.samples[:1])
-            log.info("step %d sample answer to %r: %r", step, self.samples[0]["instruction"], answer)
+            log.info("step %d sample answer to %r: %r", step, self.samples[0]["instruction"], self._answers(lora)[0])
 
     def generate(self, when: str, lora) -> None:
         """Greedy answers to every prompt of the model with LoRA params `lora`, kept under the name `when`."""
         if self.samples:
-            self.generated[when] = self._answers(lora, self.samples)
+            self.generated[when] = self._answers(lora)
 
     def write(self, out_dir: str | os.PathLike) -> list[dict]:
         """Log the samples and write `<out_dir>/samples.json` (process 0); returns them.
