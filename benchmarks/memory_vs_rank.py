@@ -59,6 +59,7 @@ import jaxlora  # noqa: E402
 from _results import append_section, machine  # noqa: E402
 from jaxlora.config import load_config  # noqa: E402
 from jaxlora.models.lora import LORA_TARGETS  # noqa: E402
+from jaxlora.training.metrics import compiled_memory_bytes  # noqa: E402
 from jaxlora.training.optim import make_optimizer  # noqa: E402
 from jaxlora.training.precision import POLICIES  # noqa: E402
 from jaxlora.training.step import init_train_state, make_train_step  # noqa: E402
@@ -146,12 +147,6 @@ def abstract_step(s: Setting, precision: str):
     return step, (state, base, {"input_ids": tokens, "labels": tokens}, key), base, state
 
 
-def compiled_total(step, args) -> int:
-    """Bytes the compiled step needs: arguments + temporaries + outputs not aliased to arguments."""
-    m = step.lower(*args).compile().memory_analysis()
-    return m.argument_size_in_bytes + m.temp_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
-
-
 def measure_precision(s: Setting, cpu_native: bool) -> str:
     """The precision to compile in: the policy's own, or 32-true for 16-bit compute on CPU (module doc)."""
     policy = POLICIES[s.precision]
@@ -165,7 +160,7 @@ def measure(s: Setting, cpu_native: bool = False) -> dict:
     measured_in = measure_precision(s, cpu_native)
     t0 = time.perf_counter()
     step, args, base_m, state = abstract_step(s, measured_in)
-    total_m = compiled_total(step, args)
+    total_m = compiled_memory_bytes(step.lower(*args).compile())
     seconds = time.perf_counter() - t0
     lora, opt = nbytes(state.lora), nbytes(state.opt_state)
     act = total_m - (nbytes(base_m) + lora + opt)
@@ -198,8 +193,7 @@ def real_run(s: Setting, precision: str, steps: int = 2) -> dict:
     """
     step, args, _, _ = abstract_step(s, precision)
     compiled = step.lower(*args).compile()
-    m = compiled.memory_analysis()
-    predicted = m.argument_size_in_bytes + m.temp_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+    predicted = compiled_memory_bytes(compiled)
     before = rss_bytes("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
     state, base, batch, key = (jax.tree.map(lambda a: jnp.full(a.shape, 0.01 if jnp.issubdtype(a.dtype, jnp.floating)

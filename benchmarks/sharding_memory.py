@@ -43,6 +43,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 import jaxlora  # noqa: E402
 from _results import append_section, machine  # noqa: E402
 from jaxlora.training import sharding as sh  # noqa: E402
+from jaxlora.training.metrics import compiled_memory_bytes  # noqa: E402
 from jaxlora.training.optim import make_optimizer  # noqa: E402
 from jaxlora.training.precision import POLICIES  # noqa: E402
 from jaxlora.training.step import init_train_state, make_train_step  # noqa: E402
@@ -95,7 +96,7 @@ def measure(args, mesh_shape: tuple[int, int, int], precision: str, remat: str) 
             "frozen": shard_bytes(base_in),
             "lora_opt": shard_bytes((state.lora, state.opt_state)), "argument": m.argument_size_in_bytes,
             "temp": m.temp_size_in_bytes,
-            "total": m.argument_size_in_bytes + m.temp_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes,
+            "total": compiled_memory_bytes(compiled),
             "gather": largest_gather(compiled.as_text()), "compile_s": seconds}
 
 
@@ -138,8 +139,8 @@ def main() -> None:
         header = (f"`{command}`: LoRA r={args.rank}, alpha 16, dropout 0.05 on query and value (the llama-2-7b "
                   f"recipe), AdamW, {args.accum_steps} micro-batches of [{args.micro_batch}, {args.seq_length}] per "
                   "device; per-device figures of the compiled step on 8 forced CPU devices (abstract inputs, "
-                  f"`memory_analysis()`). Machine: {machine()}. bf16 rows: the CPU backend computes bf16 dots in f32, so "
-                  "their temp is an upper bound for GPU/TPU.\n\n")
+                  f"`memory_analysis()`). Machine: {machine()}. bf16 rows: the CPU backend keeps f32 copies of "
+                  "the layer loop's bf16 operands, so their temp is an upper bound for GPU/TPU.\n\n")
         append_section(f"Per-device memory: FSDP vs data parallelism, {args.model}", header + text)
 
 
