@@ -8,11 +8,11 @@ floor = their sum, activations = compiled total - floor (activations, temporarie
 batch), total. r=0 has nothing to train: its row is a forward pass with the loss (XLA drops the
 backward), the frozen model's floor.
 
-CPU and 16-bit precisions: XLA's CPU backend carries the layer loop's bf16 operands as f32 copies
-(it hoists f32 copies of the stacked weights out of the loop, 3x the frozen bytes), so a bf16
-compile on CPU tells little about a GPU (the llama-3.2-1B recipe, run for real here: 8.6 GB peak
-in bf16-true, 6.2 GB in 32-true). On CPU this script therefore measures the
-activations by compiling the same step in 32-true and reports, for a 16-bit policy,
+CPU and 16-bit precisions: XLA's CPU backend computes every bf16 op but dots in f32, with f32
+temporaries a GPU does not need (the stacked weights and saved activations no longer get f32
+copies: `jaxlora.models.packing`; the llama-3.2-1B recipe compiled in bf16-true on CPU needs 6.20 GB,
+8.53 GB before that change, against 3.06 GB estimated below). On CPU this script therefore measures
+the activations by compiling the same step in 32-true and reports, for a 16-bit policy,
   total = 16-bit floor + f32 activations                 (upper bound: activations stored in f32)
   est   = 16-bit floor + f32 activations x 2 / 4         (estimate: activations in the 16-bit compute dtype)
 `est` halves the few fp32-by-design buffers too (a loss chunk's logits, LoRA gradients, norm

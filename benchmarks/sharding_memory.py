@@ -13,8 +13,8 @@ table reports, per device:
              at a time, never a whole stacked weight or the model
 
 Both meshes split the batch 8 ways (data x fsdp = 8), so each device gets the same rows.
-CPU caveats (STACK_NOTES): XLA's CPU backend upcasts bf16 dots to f32, so bf16 temp memory on CPU
-is an upper bound for GPU/TPU; the 32-true rows avoid that. The CPU scheduler flag set below makes
+CPU caveats: XLA's CPU backend computes bf16 elementwise ops in f32, with f32 temporaries, so bf16
+temp memory on CPU is an upper bound for GPU/TPU; the 32-true rows avoid that. The CPU scheduler flag set below makes
 XLA honour rematerialisation.
 
     python benchmarks/sharding_memory.py [--model Llama-2-7b-hf] [--precision bf16-true 32-true]
@@ -139,8 +139,8 @@ def main() -> None:
         header = (f"`{command}`: LoRA r={args.rank}, alpha 16, dropout 0.05 on query and value (the llama-2-7b "
                   f"recipe), AdamW, {args.accum_steps} micro-batches of [{args.micro_batch}, {args.seq_length}] per "
                   "device; per-device figures of the compiled step on 8 forced CPU devices (abstract inputs, "
-                  f"`memory_analysis()`). Machine: {machine()}. bf16 rows: the CPU backend keeps f32 copies of "
-                  "the layer loop's bf16 operands, so their temp is an upper bound for GPU/TPU.\n\n")
+                  f"`memory_analysis()`). Machine: {machine()}. bf16 rows: the CPU backend computes bf16 "
+                  "elementwise ops in f32, so their temp is an upper bound for GPU/TPU.\n\n")
         append_section(f"Per-device memory: FSDP vs data parallelism, {args.model}", header + text)
 
 

@@ -24,6 +24,7 @@ import numpy as np
 from flax import nnx
 
 from jaxlora.models.config import ModelConfig
+from jaxlora.models import packing
 from jaxlora.models.lora import LoRAConfig, LoRALinear, logical_axes
 
 REMAT_CHOICES = ("none", "block")  # or any name in jax.checkpoint_policies
@@ -46,10 +47,10 @@ class Norm(nnx.Module):
         if self.kind == "LayerNorm":
             h = h - h.mean(-1, keepdims=True)
         h = h * jax.lax.rsqrt((h * h).mean(-1, keepdims=True) + self.eps)
-        w = self.weight[...].astype(jnp.float32)
+        w = packing.from_storage(self.weight[...]).astype(jnp.float32)
         h = h * (1.0 + w if self.unit_offset else w)
         if self.bias is not None:
-            h = h + self.bias[...].astype(jnp.float32)
+            h = h + packing.from_storage(self.bias[...]).astype(jnp.float32)
         return h.astype(x.dtype)
 
 
@@ -150,9 +151,9 @@ class Attention(nnx.Module):
             new_kv = (k.astype(cache[0].dtype), v.astype(cache[1].dtype))
             k, v = (jax.lax.dynamic_update_slice_in_dim(c, n, index, axis=1).astype(q.dtype)
                     for c, n in zip(cache, new_kv))
-        # Under jax.checkpoint the backward pass recomputes the [b, heads, t, s] scores and probabilities
+        # Checkpointed: the backward pass recomputes the [b, heads, t, s] scores and probabilities
         # from q, k, v (as flash attention does) instead of keeping 2-3 such tensors per layer.
-        y = jax.checkpoint(self._attention if self.softcap is None else self._softcapped_attention)(q, k, v, mask)
+        y = packing.checkpoint(self._attention if self.softcap is None else self._softcapped_attention)(q, k, v, mask)
         return self.proj(y.reshape(b, t, self.n_head * self.head_size), dropout_key=k3), new_kv
 
     def _attention(self, q, k, v, mask):
@@ -201,12 +202,12 @@ class MLP(nnx.Module):
         k0, k1, k2 = keys if keys is not None else (None,) * 3
         if self.kind == "LLaMAMoE":
             return self._moe(x, k0, k1, k2)
-        # The activation runs under jax.checkpoint: the backward pass recomputes it from the matmul
+        # The activation is checkpointed: the backward pass recomputes it from the matmul
         # outputs instead of keeping its intermediates (2-4 more [b, t, intermediate] tensors per layer).
         if self.kind == "GptNeoxMLP":
-            h = jax.checkpoint(self._gelu)(self.fc(x, dropout_key=k0))
+            h = packing.checkpoint(self._gelu)(self.fc(x, dropout_key=k0))
         else:
-            h = jax.checkpoint(self._gated)(self.fc_1(x, dropout_key=k0), self.fc_2(x, dropout_key=k1))
+            h = packing.checkpoint(self._gated)(self.fc_1(x, dropout_key=k0), self.fc_2(x, dropout_key=k1))
         return self.proj(h, dropout_key=k2)
 
     def _gelu(self, h):
@@ -223,7 +224,7 @@ class MLP(nnx.Module):
         Dense dispatch: every expert runs on every token and unchosen experts get weight 0. Exact,
         shape-static and simple; it costs n_expert / top_k times the FLOPs of sparse dispatch.
         """
-        router_logits = jnp.einsum("btd,de->bte", x, self.router[...].astype(x.dtype),
+        router_logits = jnp.einsum("btd,de->bte", x, packing.from_storage(self.router[...]).astype(x.dtype),
                                    preferred_element_type=jnp.float32)
         top_logits, top_idx = jax.lax.top_k(router_logits, self.top_k)
         top_w = jax.nn.softmax(top_logits, axis=-1)  # [b, t, k]
@@ -360,6 +361,7 @@ class GPT(nnx.Module):
         windows = jnp.asarray([c.sliding_window_for_layer(i) or 0 for i in range(c.n_layer)], jnp.int32)
         layer_keys = None if dropout_key is None else jax.random.split(dropout_key, c.n_layer)
         graphdef, block_state = nnx.split(self.blocks)
+        block_state = jax.tree.map(packing.to_storage, block_state)  # 16-bit weights as bits (see packing)
 
         def body(h, layer):
             state, window, key, kv = layer

@@ -10,7 +10,6 @@ dropout key is passed (training).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Iterator
 
@@ -19,6 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxlora.errors import ConfigError
+from jaxlora.models import packing
 
 LORA_TARGETS = ("query", "key", "value", "projection", "mlp", "head")
 DENSE_SPEC = "...i,io->...o"  # x [..., in] times kernel [in, out]
@@ -29,32 +29,40 @@ def _dot(a: jax.Array, b: jax.Array, a_dim: int, b_dim: int) -> jax.Array:
     return jax.lax.dot_general(a, b, (((a_dim,), (b_dim,)), ((), ())), preferred_element_type=jnp.float32)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def matmul(x: jax.Array, w: jax.Array, transposed: bool, out_dtype) -> jax.Array:
     """x [n, in] times w [in, out] (w [out, in] if `transposed`) -> [n, out] in `out_dtype`.
 
-    x and w come in the compute dtype; every product, backward ones included, multiplies in that
-    dtype and accumulates in fp32. Plain autodiff of such a dot upcasts the weight to fp32 for the
-    backward products, and XLA's CPU backend runs bf16 x bf16 -> fp32 dots several times faster
-    than fp32 ones (it uses AMX / AVX512-BF16 only for those; benchmarks/RESULTS.md). In fp32 this
-    is an ordinary dot.
+    w: a float array, or a frozen weight as its bits (`packing.to_storage`: no gradient), cast to
+    x's dtype (the compute dtype) for the products. Every product, backward ones included,
+    multiplies in that dtype and accumulates in fp32: plain autodiff of such a dot upcasts the
+    weight to fp32 for the backward products, and XLA's CPU backend runs bf16 x bf16 -> fp32 dots
+    several times faster than fp32 ones where the CPU has AMX / AVX512-BF16 (benchmarks/RESULTS.md).
+    The backward pass keeps x and w as bits (`packing`). In fp32 this is an ordinary dot.
     """
-    return _dot(x, w, 1, 1 if transposed else 0).astype(out_dtype)
+    x_dtype, w_dtype = x.dtype, w.dtype
+    frozen = packing.is_bits(w_dtype)
 
+    def product(x, w):
+        return _dot(x, packing.from_storage(w).astype(x.dtype), 1, 1 if transposed else 0).astype(out_dtype)
 
-def _matmul_fwd(x, w, transposed, out_dtype):
-    return matmul(x, w, transposed, out_dtype), (x, w)
+    @jax.custom_vjp
+    def f(x, w):
+        return product(x, w)
 
+    def fwd(x, w):
+        return product(x, w), (packing.pack(x), packing.pack(w))
 
-def _matmul_bwd(transposed, out_dtype, residuals, g):
-    x, w = residuals
-    g = g.astype(x.dtype)  # [n, out]
-    dx = _dot(g, w, 1, 0 if transposed else 1).astype(x.dtype)
-    dw = (_dot(g, x, 0, 0) if transposed else _dot(x, g, 0, 0)).astype(w.dtype)  # dropped by XLA if w is frozen
-    return dx, dw
+    def bwd(saved, g):
+        x, w = packing.from_storage(saved[0]), packing.from_storage(saved[1]).astype(x_dtype)
+        g = g.astype(x_dtype)  # [n, out]
+        dx = _dot(g, w, 1, 0 if transposed else 1).astype(x_dtype)
+        if frozen:
+            return dx, None
+        dw = (_dot(g, x, 0, 0) if transposed else _dot(x, g, 0, 0)).astype(w_dtype)  # dropped by XLA if unused
+        return dx, dw
 
-
-matmul.defvjp(_matmul_fwd, _matmul_bwd)
+    f.defvjp(fwd, bwd)
+    return f(x, w)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,24 +153,24 @@ class LoRALinear(nnx.Module):
         dtype = x.dtype
         out_dtype = out_dtype or dtype
         lead = x.shape[:-1]
-        w = (self.kernel[...] if kernel is None else kernel).astype(dtype)
+        w = self.kernel[...] if kernel is None else kernel  # float, or bits inside the layer scan
         if spec == DENSE_SPEC:  # as 2-D dots: XLA's CPU backend makes slow transposed copies of the
             x = x.reshape(-1, x.shape[-1])  # gradients of [b, t, .] ones (2-3x the step time at 5-100M params)
             y = matmul(x, w, kernel_transposed, jnp.dtype(out_dtype))
         else:
-            y = jnp.einsum(spec, x, w, preferred_element_type=out_dtype)
+            y = jnp.einsum(spec, x, packing.from_storage(w).astype(dtype), preferred_element_type=out_dtype)
         if self.bias is not None:
-            y = y + self.bias[...].astype(out_dtype)
+            y = y + packing.from_storage(self.bias[...]).astype(out_dtype)
         if self.rank:
             xd = x
             if dropout_key is not None and self.dropout > 0.0:
                 keep = jax.random.bernoulli(dropout_key, 1.0 - self.dropout, x.shape)
                 xd = jnp.where(keep, x / (1.0 - self.dropout), jnp.zeros_like(x))
-            a = self.lora_a[...].astype(dtype)
-            b = self.lora_b[...].astype(dtype)
+            a, b = self.lora_a[...], self.lora_b[...]  # fp32; `matmul` casts them to the compute dtype
             if spec == DENSE_SPEC:
                 lora_y = matmul(matmul(xd, a, False, dtype), b, False, jnp.dtype(out_dtype))
             else:
+                a, b = a.astype(dtype), b.astype(dtype)
                 lora_y = jnp.einsum(spec, jnp.einsum(spec, xd, a), b, preferred_element_type=out_dtype)
             y = y + lora_y * jnp.asarray(self.scale, out_dtype)
         return y.reshape(*lead, y.shape[-1])
