@@ -383,10 +383,27 @@ class GPT(nnx.Module):
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """hidden [..., n_embd] -> fp32 logits [..., padded_vocab_size] (final soft-capping applied)."""
-        if self.lm_head.kernel is None:  # tied: contract the [vocab, embd] embedding as stored; a transposed
-            # view is copied whole when it enters the loss-chunk loop (XLA gives loop operands the default layout)
-            y = self.lm_head(hidden, kernel=self.wte[...], kernel_transposed=True, out_dtype=jnp.float32)
-        else:
-            y = self.lm_head(hidden, out_dtype=jnp.float32)
+        return _head_logits(self.lm_head, self.wte[...], self.config.final_logit_softcapping, hidden)
+
+    def logits_head(self):
+        """-> (apply, params): `apply(params, hidden)` computes `self.logits(hidden)` as a pure function
+        of `params` (the head's variables and, for tied embeddings, the embedding), for losses that
+        differentiate the head themselves (`training.step.cross_entropy_sum`). `apply` holds no arrays."""
+        graphdef, state = nnx.split(self.lm_head)
         cap = self.config.final_logit_softcapping
-        return jnp.tanh(y / cap) * cap if cap else y
+        tied = self.lm_head.kernel is None
+
+        def apply(params, hidden):
+            head_state, wte = params
+            return _head_logits(nnx.merge(graphdef, head_state), wte, cap, hidden)
+
+        return apply, (state, self.wte[...] if tied else None)
+
+
+def _head_logits(lm_head: LoRALinear, wte: jax.Array | None, cap: float | None, hidden: jax.Array) -> jax.Array:
+    if lm_head.kernel is None:  # tied: contract the [vocab, embd] embedding as stored; a transposed
+        # view is copied whole when it enters the loss-chunk loop (XLA gives loop operands the default layout)
+        y = lm_head(hidden, kernel=wte, kernel_transposed=True, out_dtype=jnp.float32)
+    else:
+        y = lm_head(hidden, out_dtype=jnp.float32)
+    return jnp.tanh(y / cap) * cap if cap else y

@@ -167,12 +167,14 @@ class LoRALinear(nnx.Module):
                 keep = jax.random.bernoulli(dropout_key, 1.0 - self.dropout, x.shape)
                 xd = jnp.where(keep, x / (1.0 - self.dropout), jnp.zeros_like(x))
             a, b = self.lora_a[...], self.lora_b[...]  # fp32; `matmul` casts them to the compute dtype
+            # scaled as the [..., r] product (in fp32), so no scaled [..., out] copy exists, forward or backward
             if spec == DENSE_SPEC:
-                lora_y = matmul(matmul(xd, a, False, dtype), b, False, jnp.dtype(out_dtype))
+                xa = (matmul(xd, a, False, jnp.dtype(jnp.float32)) * self.scale).astype(dtype)
+                y = y + matmul(xa, b, False, jnp.dtype(out_dtype))
             else:
                 a, b = a.astype(dtype), b.astype(dtype)
-                lora_y = jnp.einsum(spec, jnp.einsum(spec, xd, a), b, preferred_element_type=out_dtype)
-            y = y + lora_y * jnp.asarray(self.scale, out_dtype)
+                xa = (jnp.einsum(spec, xd, a).astype(jnp.float32) * self.scale).astype(dtype)  # XLA:CPU: no batched bf16 -> f32 dot
+                y = y + jnp.einsum(spec, xa, b, preferred_element_type=out_dtype)
         return y.reshape(*lead, y.shape[-1])
 
     def merged_kernel(self) -> jax.Array:

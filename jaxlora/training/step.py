@@ -7,8 +7,8 @@ argument of every call (never donated, never closed over, never differentiated).
 Loss: next-token cross-entropy in fp32, labels aligned with input_ids as in LitGPT (position i
 predicts labels[i + 1]), tokens labelled IGNORE_INDEX excluded, logits beyond the tokenizer's
 vocab_size (padding columns) excluded from the softmax. It is computed in chunks of the sequence,
-each under `jax.checkpoint`, so the [batch, seq, vocab] logits never exist at once, neither in
-the forward nor in the backward pass: only one [batch, chunk, vocab] slice at a time.
+each chunk's gradients computed with its loss (`cross_entropy_sum`), so the [batch, seq, vocab]
+logits never exist at once: only one [batch, chunk, vocab] slice at a time.
 """
 
 from __future__ import annotations
@@ -49,31 +49,88 @@ def init_train_state(lora_params, optimizer: optax.GradientTransformation) -> Tr
     return TrainState(step=jnp.zeros((), jnp.int32), lora=lora, opt_state=optimizer.init(lora))
 
 
-def cross_entropy_sum(logits_fn: Callable[[jax.Array], jax.Array], hidden: jax.Array, targets: jax.Array, *,
-                      vocab_size: int, chunk_size: int = DEFAULT_CHUNK_SIZE) -> tuple[jax.Array, jax.Array]:
+def cross_entropy_sum(logits_fn: Callable[[Any, jax.Array], jax.Array], head_params, hidden: jax.Array,
+                      targets: jax.Array, *, vocab_size: int,
+                      chunk_size: int = DEFAULT_CHUNK_SIZE) -> tuple[jax.Array, jax.Array]:
     """Sum of token cross-entropies and count of non-ignored targets, chunked over the sequence.
 
+    logits_fn(head_params, h [b, c, d]) -> fp32 [b, c, padded_vocab] (`GPT.logits_head`), holding no
+    arrays of its own: everything the logits depend on is in `head_params`, which is differentiable.
     hidden: [b, t, d] (any dtype); targets: int [b, t], IGNORE_INDEX where no loss.
-    logits_fn: [b, c, d] -> fp32 [b, c, padded_vocab]. Returns (fp32 [], int32 []).
-    """
-    hs, ys = _chunks(hidden, targets, chunk_size)
+    Returns (fp32 [], int32 []).
 
-    @jax.checkpoint  # the backward pass recomputes each chunk's logits instead of storing them
-    def chunk_loss(h, y):
-        logits = logits_fn(h).astype(jnp.float32)  # [b, c, V]
+    Differentiated, each chunk's forward pass also computes its gradients (of the hidden states, and
+    of whichever head params are being differentiated, summed over chunks in fp32), so the backward
+    pass only scales them: one head product per chunk for the logits and one per gradient, never the
+    logits of two chunks at once, and none recomputed.
+    """
+    leaves, treedef = jax.tree.flatten(head_params)
+    dtypes = [leaf.dtype for leaf in leaves]
+
+    def chunk_logits(leaves, h):
+        logits = logits_fn(jax.tree.unflatten(treedef, leaves), h).astype(jnp.float32)  # [b, c, V]
         if logits.shape[-1] > vocab_size:
             logits = jnp.where(jnp.arange(logits.shape[-1]) < vocab_size, logits, -jnp.inf)
+        return logits
+
+    def chunk_loss(logits, y):
+        """-> (loss sum, count, log-sum-exp [b, c], valid [b, c], targets made safe to index with)."""
         valid = y != IGNORE_INDEX
-        target_logit = jnp.take_along_axis(logits, jnp.where(valid, y, 0)[..., None], axis=-1)[..., 0]
-        losses = jax.nn.logsumexp(logits, axis=-1) - target_logit
-        return jnp.sum(jnp.where(valid, losses, 0.0)), jnp.sum(valid, dtype=jnp.int32)
+        y = jnp.where(valid, y, 0)
+        target_logit = jnp.take_along_axis(logits, y[..., None], axis=-1)[..., 0]
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        return jnp.sum(jnp.where(valid, lse - target_logit, 0.0)), jnp.sum(valid, dtype=jnp.int32), lse, valid, y
 
-    def body(carry, xs):
-        loss, count = chunk_loss(*xs)
-        return (carry[0] + loss, carry[1] + count), None
+    def total(leaves, hidden, targets):
+        def body(carry, xs):
+            h, y = xs
+            loss, count = chunk_loss(chunk_logits(leaves, h), y)[:2]
+            return (carry[0] + loss, carry[1] + count), None
 
-    (loss_sum, count), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32)), (hs, ys))
-    return loss_sum, count
+        init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
+        return jax.lax.scan(body, init, _chunks(hidden, targets, chunk_size))[0]
+
+    @jax.custom_vjp
+    def fused(leaves, hidden, targets):
+        return total(leaves, hidden, targets)
+
+    def fwd(leaves, hidden, targets):
+        perturbed = [leaf.perturbed for leaf in leaves]
+        values = [leaf.value for leaf in leaves]
+        h, y = hidden.value, targets.value
+        wrt = [v for v, p in zip(values, perturbed) if p]  # the head params being differentiated
+
+        def logits_of(wrt, h):
+            it = iter(wrt)
+            return chunk_logits([next(it) if p else v for v, p in zip(values, perturbed)], h)
+
+        def body(carry, xs):
+            loss, count, grads = carry
+            h, y = xs
+            logits, head_vjp = jax.vjp(logits_of, wrt, h)
+            chunk, chunk_count, lse, valid, y = chunk_loss(logits, y)
+            # d loss / d logits = softmax - one_hot(target), on the rows with a target
+            d_logits = jnp.exp(logits - lse[..., None]) - jax.nn.one_hot(y, logits.shape[-1], dtype=logits.dtype)
+            d_wrt, dh = head_vjp(jnp.where(valid[..., None], d_logits, 0.0))
+            grads = [g + dw.astype(jnp.float32) for g, dw in zip(grads, d_wrt)]
+            return (loss + chunk, count + chunk_count, grads), dh if hidden.perturbed else None
+
+        init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32), [jnp.zeros(w.shape, jnp.float32) for w in wrt])
+        (loss, count, grads), dh = jax.lax.scan(body, init, _chunks(h, y, chunk_size))
+        if hidden.perturbed:
+            b, t, d = h.shape
+            dh = dh.swapaxes(0, 1).reshape(b, -1, d)[:, :t]  # [n, b, c, d] -> [b, t, d] (chunk padding dropped)
+        it = iter(grads)
+        return (loss, count), ([next(it) if p else None for p in perturbed], dh)
+
+    def bwd(saved, cotangents):
+        grads, dh = saved  # fp32 per head param (None: not differentiated); dh [b, t, d] or None
+        g = cotangents[0]  # fp32 []: the loss sum's cotangent (the count's is zero)
+        d_leaves = [None if dw is None else (dw * g).astype(dtype) for dw, dtype in zip(grads, dtypes)]
+        return d_leaves, None if dh is None else (dh * g).astype(dh.dtype), None
+
+    fused.defvjp(fwd, bwd, symbolic_zeros=True)
+    return fused(leaves, hidden, targets)
 
 
 def sequence_loss(model, input_ids: jax.Array, labels: jax.Array, *, dropout_key: jax.Array | None = None,
@@ -83,19 +140,22 @@ def sequence_loss(model, input_ids: jax.Array, labels: jax.Array, *, dropout_key
     Position i predicts labels[:, i + 1]; the last position predicts nothing. mesh: keep the
     activations' batch axis split over the mesh's batch axes (see `sharding.activation_sharding`).
     """
-    logits_fn, hidden, targets = _predict(model, input_ids, labels, dropout_key, mesh)
-    return cross_entropy_sum(logits_fn, hidden, targets, vocab_size=model.config.vocab_size, chunk_size=chunk_size)
+    logits_fn, head_params, hidden, targets = _predict(model, input_ids, labels, dropout_key, mesh)
+    return cross_entropy_sum(logits_fn, head_params, hidden, targets, vocab_size=model.config.vocab_size,
+                             chunk_size=chunk_size)
 
 
 def _predict(model, input_ids, labels, dropout_key, mesh):
-    """-> (logits_fn, final hidden states [b, t, d], targets [b, t]: labels shifted left by one)."""
+    """-> (logits_fn, head_params (`GPT.logits_head`), final hidden states [b, t, d], targets [b, t]:
+    labels shifted left by one)."""
     batch_sharding = None if mesh is None else activation_sharding(mesh)
     hidden = model.hidden_states(input_ids, dropout_key=dropout_key, batch_sharding=batch_sharding)
-    logits_fn = model.logits
+    logits_fn, head_params = model.logits_head()
     if batch_sharding is not None:
-        logits_fn = lambda h: model.logits(jax.lax.with_sharding_constraint(h, batch_sharding))  # noqa: E731
+        head = logits_fn
+        logits_fn = lambda p, h: head(p, jax.lax.with_sharding_constraint(h, batch_sharding))  # noqa: E731
     targets = jnp.concatenate([labels[:, 1:], jnp.full((labels.shape[0], 1), IGNORE_INDEX, labels.dtype)], axis=1)
-    return logits_fn, hidden, targets
+    return logits_fn, head_params, hidden, targets
 
 
 def _chunks(hidden: jax.Array, targets: jax.Array, chunk_size: int) -> tuple[jax.Array, jax.Array]:
@@ -110,7 +170,8 @@ def _chunks(hidden: jax.Array, targets: jax.Array, chunk_size: int) -> tuple[jax
     return hidden.reshape(b, n, c, d).swapaxes(0, 1), targets.reshape(b, n, c).swapaxes(0, 1)
 
 
-def token_mistakes(logits_fn: Callable[[jax.Array], jax.Array], hidden: jax.Array, targets: jax.Array, *,
+def token_mistakes(logits_fn: Callable[[Any, jax.Array], jax.Array], head_params, hidden: jax.Array,
+                   targets: jax.Array, *,
                    vocab_size: int, chunk_size: int = DEFAULT_CHUNK_SIZE) -> jax.Array:
     """int32 [b]: per row, the non-ignored targets that are not the argmax of their logits (over the
     first `vocab_size` columns), chunked over the sequence like `cross_entropy_sum`."""
@@ -118,7 +179,7 @@ def token_mistakes(logits_fn: Callable[[jax.Array], jax.Array], hidden: jax.Arra
 
     def body(mistakes, xs):
         h, y = xs
-        predicted = jnp.argmax(logits_fn(h)[..., :vocab_size], axis=-1)
+        predicted = jnp.argmax(logits_fn(head_params, h)[..., :vocab_size], axis=-1)
         return mistakes + jnp.sum((y != IGNORE_INDEX) & (predicted != y), axis=1, dtype=jnp.int32), None
 
     mistakes, _ = jax.lax.scan(body, jnp.zeros(hidden.shape[0], jnp.int32), (hs, ys))
@@ -134,10 +195,11 @@ def sequence_eval(model, input_ids: jax.Array, labels: jax.Array, *, chunk_size:
     reproduces them (with masked prompts: the response and its EOS). Rows without targets (batch
     padding) are not scored.
     """
-    logits_fn, hidden, targets = _predict(model, input_ids, labels, None, mesh)
-    loss_sum, count = cross_entropy_sum(logits_fn, hidden, targets, vocab_size=model.config.vocab_size,
+    logits_fn, head_params, hidden, targets = _predict(model, input_ids, labels, None, mesh)
+    loss_sum, count = cross_entropy_sum(logits_fn, head_params, hidden, targets, vocab_size=model.config.vocab_size,
                                         chunk_size=chunk_size)
-    mistakes = token_mistakes(logits_fn, hidden, targets, vocab_size=model.config.vocab_size, chunk_size=chunk_size)
+    mistakes = token_mistakes(logits_fn, head_params, hidden, targets, vocab_size=model.config.vocab_size,
+                              chunk_size=chunk_size)
     scored = jnp.any(targets != IGNORE_INDEX, axis=1)
     return loss_sum, count, jnp.sum(scored & (mistakes == 0), dtype=jnp.int32), jnp.sum(scored, dtype=jnp.int32)
 
