@@ -173,7 +173,8 @@ class LoRALinear(nnx.Module):
                 y = y + matmul(xa, b, False, jnp.dtype(out_dtype))
             else:
                 a, b = a.astype(dtype), b.astype(dtype)
-                xa = (jnp.einsum(spec, xd, a).astype(jnp.float32) * self.scale).astype(dtype)  # XLA:CPU: no batched bf16 -> f32 dot
+                # in the compute dtype first: XLA:CPU has no batched bf16 x bf16 -> f32 dot
+                xa = (jnp.einsum(spec, xd, a).astype(jnp.float32) * self.scale).astype(dtype)
                 y = y + jnp.einsum(spec, xa, b, preferred_element_type=out_dtype)
         return y.reshape(*lead, y.shape[-1])
 
