@@ -15,7 +15,8 @@ from jaxlora.checkpoints.hf_export import save_hf_checkpoint
 from jaxlora.checkpoints.peft import save_peft_adapter
 from jaxlora.errors import CheckpointError, ConfigError, DataError, JaxloraError
 from jaxlora.generate import Sampling, generate
-from jaxlora.models.config import PRESETS, ModelConfig
+from jaxlora.models.config import ModelConfig
+from jaxlora.models.families import PRESETS
 from jaxlora.models.gpt import GPT
 from jaxlora.models.lora import LoRAConfig, count_lora_params, merge_lora, split_lora
 

@@ -1,9 +1,9 @@
 """Load HF checkpoints (config.json + safetensors) into a `GPT`, tensor by tensor.
 
-Each family's key map says, for every frozen parameter of our model, which HF tensor holds it and
-how to bring it into our layout: HF linear weights are [out, in] and ours [in, out]; fused q/k/v
-tensors (Phi-3, Falcon, GPT-NeoX) and Phi-3's fused gate/up are split; Mixtral's per-expert
-tensors are stacked. Block params are assembled into one [n_layer, ...] array per parameter, so
+Each family's key map (`models.families`) says, for every frozen parameter of our model, which HF
+tensor holds it and how to bring it into our layout: HF linear weights are [out, in] and ours
+[in, out]; fused q/k/v tensors (Phi-3, Falcon, GPT-NeoX) and Phi-3's fused gate/up are split;
+Mixtral's per-expert tensors are stacked. Block params are assembled into one [n_layer, ...] array per parameter, so
 at most one stacked parameter exists twice (host + device) at any time, never the whole model.
 """
 
@@ -24,6 +24,7 @@ from jax.sharding import Mesh
 
 from jaxlora.errors import CheckpointError
 from jaxlora.models.config import ModelConfig
+from jaxlora.models.families import Source, key_map
 from jaxlora.models.gpt import GPT
 from jaxlora.models.lora import LoRAConfig
 from jaxlora.training.sharding import param_shardings
@@ -34,116 +35,6 @@ INDEX_FILE = "model.safetensors.index.json"
 BUFFERS = re.compile(r"(rotary_emb\.inv_freq|\.attention\.masked_bias|\.attention\.bias)$")
 
 log = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass(frozen=True)
-class Source:
-    """Where one of our parameters lives in an HF checkpoint.
-
-    names: candidate tensor names (first found wins), "{i}" = layer, "{e}" = expert. names[0] is the
-    transformers module's own name (PEFT's key), names[-1] the name `save_pretrained` writes; they
-    differ only where transformers serialises a legacy name (GPT-NeoX's head: lm_head / embed_out).
-    part: None, ("qkv", "q"|"k"|"v", layout) to cut a fused attention tensor, or ("halves", 0|1)
-    to cut a fused gate/up tensor. transpose: HF [out, in] -> our [in, out].
-    """
-
-    names: tuple[str, ...]
-    transpose: bool = False
-    part: tuple | None = None
-    experts: int = 0  # > 0: stack tensors "{e}" = 0..experts-1 on a leading axis
-
-
-def linear(*names: str, part=None) -> dict[str, Source]:
-    """kernel (+ bias) entries of one linear layer stored as HF `<name>.weight` / `<name>.bias`."""
-    return {"kernel": Source(tuple(n + ".weight" for n in names), transpose=True, part=part),
-            "bias": Source(tuple(n + ".bias" for n in names), part=part)}
-
-
-def norm(name: str) -> dict[str, Source]:
-    return {"weight": Source((name + ".weight",)), "bias": Source((name + ".bias",))}
-
-
-# ---------------------------------------------------------------------------------------------
-# Per-family key maps: our nested param dict (blocks without the layer axis) -> Source.
-
-
-def key_map(config: ModelConfig) -> tuple[dict, dict]:
-    """-> (top-level sources, per-block sources) for `config.model_type`."""
-    c = config
-    t = c.model_type
-    if t in ("llama", "mistral", "mixtral", "qwen2", "phi3", "gemma", "gemma2"):
-        p = "model.layers.{i}."
-        if t == "phi3":
-            qkv = lambda part: linear(p + "self_attn.qkv_proj", part=("qkv", part, "contiguous"))
-            attn = {"q": qkv("q"), "k": qkv("k"), "v": qkv("v")}
-        else:
-            attn = {x: linear(p + f"self_attn.{x}_proj") for x in "qkv"}
-        attn["proj"] = linear(p + "self_attn.o_proj")
-        if t == "mixtral":
-            e = p + "block_sparse_moe.experts.{e}."
-            mlp = {"fc_1": {"kernel": Source((e + "w1.weight",), True, experts=c.n_expert)},
-                   "fc_2": {"kernel": Source((e + "w3.weight",), True, experts=c.n_expert)},
-                   "proj": {"kernel": Source((e + "w2.weight",), True, experts=c.n_expert)},
-                   "router": Source((p + "block_sparse_moe.gate.weight",), transpose=True)}
-        elif t == "phi3":
-            mlp = {"fc_1": linear(p + "mlp.gate_up_proj", part=("halves", 0)),
-                   "fc_2": linear(p + "mlp.gate_up_proj", part=("halves", 1)), "proj": linear(p + "mlp.down_proj")}
-        else:
-            mlp = {"fc_1": linear(p + "mlp.gate_proj"), "fc_2": linear(p + "mlp.up_proj"),
-                   "proj": linear(p + "mlp.down_proj")}
-        block = {"norm_1": norm(p + "input_layernorm"), "attn": attn, "mlp": mlp}
-        if t == "gemma2":
-            block.update(post_attention_norm=norm(p + "post_attention_layernorm"),
-                         norm_2=norm(p + "pre_feedforward_layernorm"),
-                         post_mlp_norm=norm(p + "post_feedforward_layernorm"))
-        else:
-            block["norm_2"] = norm(p + "post_attention_layernorm")
-        top = {"wte": Source(("model.embed_tokens.weight",)), "ln_f": norm("model.norm"),
-               "lm_head": linear("lm_head")}
-        return top, block
-
-    if t == "phi":
-        p = "model.layers.{i}."
-        attn = {x: linear(p + f"self_attn.{x}_proj") for x in "qkv"}
-        attn["proj"] = linear(p + "self_attn.dense")
-        block = {"norm_1": norm(p + "input_layernorm"), "attn": attn,
-                 "mlp": {"fc": linear(p + "mlp.fc1"), "proj": linear(p + "mlp.fc2")}}
-        return {"wte": Source(("model.embed_tokens.weight",)), "ln_f": norm("model.final_layernorm"),
-                "lm_head": linear("lm_head")}, block
-
-    if t == "falcon":
-        p = "transformer.h.{i}."
-        # Falcon's fused q/k/v holds, per kv head, its query heads then k then v (multi-query's
-        # q | k | v is the one-kv-head case of that layout).
-        qkv = lambda part: linear(p + "self_attention.query_key_value", part=("qkv", part, "grouped"))
-        block = {"attn": {"q": qkv("q"), "k": qkv("k"), "v": qkv("v"), "proj": linear(p + "self_attention.dense")},
-                 "mlp": {"fc": linear(p + "mlp.dense_h_to_4h"), "proj": linear(p + "mlp.dense_4h_to_h")}}
-        if c.shared_attention_norm:
-            block["norm_1"] = norm(p + "input_layernorm")
-        elif c.parallel_residual:
-            block.update(norm_1=norm(p + "ln_attn"), norm_2=norm(p + "ln_mlp"))
-        else:
-            block.update(norm_1=norm(p + "input_layernorm"), norm_2=norm(p + "post_attention_layernorm"))
-        return {"wte": Source(("transformer.word_embeddings.weight",)), "ln_f": norm("transformer.ln_f"),
-                "lm_head": linear("lm_head")}, block
-
-    if t == "gpt_neox":
-        p = "gpt_neox.layers.{i}."
-        qkv = lambda part: linear(p + "attention.query_key_value", part=("qkv", part, "grouped"))
-        block = {"norm_1": norm(p + "input_layernorm"), "norm_2": norm(p + "post_attention_layernorm"),
-                 "attn": {"q": qkv("q"), "k": qkv("k"), "v": qkv("v"), "proj": linear(p + "attention.dense")},
-                 "mlp": {"fc": linear(p + "mlp.dense_h_to_4h"), "proj": linear(p + "mlp.dense_4h_to_h")}}
-        # The module is `lm_head` since transformers 5; checkpoints (Pythia on the Hub, and save_pretrained)
-        # name its weight `embed_out`.
-        head = {"kernel": Source(("lm_head.weight", "embed_out.weight"), transpose=True),
-                "bias": Source(("lm_head.bias", "embed_out.bias"))}
-        return {"wte": Source(("gpt_neox.embed_in.weight",)), "ln_f": norm("gpt_neox.final_layer_norm"),
-                "lm_head": head}, block
-    raise CheckpointError(f"no checkpoint key map for model_type {t!r}")
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading tensors
 
 
 class SafetensorsReader:

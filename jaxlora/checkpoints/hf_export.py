@@ -1,6 +1,6 @@
 """Write a `GPT` (LoRA merged) as an HF checkpoint directory that transformers loads.
 
-The tensors are the exact inverse of `hf.key_map`: our [in, out] kernels are transposed back to
+The tensors are the exact inverse of the family's key map (`models.families`): our [in, out] kernels are transposed back to
 HF's [out, in], fused tensors (Phi-3's qkv and gate/up, Falcon/GPT-NeoX query_key_value) are
 reassembled by writing each part into the rows that `hf.fused_rows` reads it from, stacked layers and
 experts are unstacked into HF's per-layer / per-expert names. One layer's tensors are on the host
@@ -25,10 +25,10 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jaxlora.checkpoints.hf import INDEX_FILE, SINGLE_FILE, Source, fused_rows, hf_shape, key_map
-from jaxlora.checkpoints.hf_config import check_hf_config, hf_config_dict
+from jaxlora.checkpoints.hf import INDEX_FILE, SINGLE_FILE, fused_rows, hf_shape
 from jaxlora.errors import CheckpointError
 from jaxlora.models.config import ModelConfig
+from jaxlora.models.families import Source, check_hf_config, hf_config_dict, key_map
 from jaxlora.models.gpt import GPT
 from jaxlora.models.lora import lora_layers
 

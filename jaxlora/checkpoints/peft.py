@@ -1,6 +1,6 @@
 """LoRA adapters in PEFT's format (adapter_config.json + adapter_model.safetensors), both ways.
 
-Where our adapters live in HF terms comes from `hf.key_map`: every `LoRALinear` is a "site" whose
+Where our adapters live in HF terms comes from the family's key map (`models.families`): every `LoRALinear` is a "site" whose
 kernel Source names the transformers module (`names[0]` minus ".weight"). PEFT stores
 `lora_A.weight` [r, in] and `lora_B.weight` [out, r] per module, with scale lora_alpha / r
 (or / sqrt(r) with rsLoRA), the same semantics as ours.
@@ -27,9 +27,10 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxlora.checkpoints.hf import Source, fused_rows, hf_shape, key_map, read_safetensors
+from jaxlora.checkpoints.hf import fused_rows, hf_shape, read_safetensors
 from jaxlora.errors import CheckpointError
 from jaxlora.models.config import ModelConfig
+from jaxlora.models.families import Source, key_map
 from jaxlora.models.lora import LoRAConfig
 
 log = logging.getLogger(__name__)

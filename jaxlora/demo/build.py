@@ -35,7 +35,7 @@ import ml_dtypes
 import numpy as np
 
 from jaxlora.checkpoints.hf import load_model
-from jaxlora.checkpoints.hf_config import hf_config_dict
+from jaxlora.models.families import hf_config_dict
 from jaxlora.checkpoints.hf_export import save_hf_checkpoint
 from jaxlora.data import PromptStyle, Tokenizer
 from jaxlora.demo.pretrain import pack, pretrain

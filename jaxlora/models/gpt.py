@@ -127,7 +127,7 @@ class Attention(nnx.Module):
         self.q = mk(c.n_embd, q_out, ("embed", "heads"), "query", qkv_bias)
         self.k = mk(c.n_embd, kv_out, ("embed", "kv_heads"), "key", qkv_bias)
         self.v = mk(c.n_embd, kv_out, ("embed", "kv_heads"), "value", qkv_bias)
-        self.proj = mk(q_out, c.n_embd, ("heads", "embed"), "projection", c.bias)
+        self.proj = mk(q_out, c.n_embd, ("heads", "embed"), "projection", c.bias or c.attn_out_bias)
         self.n_head, self.n_kv, self.head_size = c.n_head, c.n_query_groups, c.head_size
         self.scale = 1.0 / math.sqrt(c.attention_scores_scalar or c.head_size)
         self.softcap = c.attention_logit_softcapping
