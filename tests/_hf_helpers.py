@@ -35,6 +35,40 @@ FAMILIES = {
     "falcon-new-arch": ("FalconConfig", dict(new_decoder_architecture=True, num_kv_heads=2)),
     "gpt_neox": ("GPTNeoXConfig", dict(intermediate_size=48, rotary_pct=0.25)),
     "gpt_neox-sequential": ("GPTNeoXConfig", dict(intermediate_size=48, rotary_pct=0.5, use_parallel_residual=False)),
+    # RoPE scaling past the original context (SEQ > original_max_position_embeddings / max_position_embeddings)
+    "llama-linear-rope": ("LlamaConfig", dict(intermediate_size=48, num_key_value_heads=2,
+                                              rope_scaling=dict(rope_type="linear", factor=4.0))),
+    "llama-dynamic-rope": ("LlamaConfig", dict(intermediate_size=48, num_key_value_heads=2, max_position_embeddings=6,
+                                               rope_scaling=dict(rope_type="dynamic", factor=2.0))),
+    "qwen2-yarn-rope": ("Qwen2Config", dict(intermediate_size=48, num_key_value_heads=2, rope_scaling=dict(
+        rope_type="yarn", factor=4.0, original_max_position_embeddings=6, beta_fast=16.0, beta_slow=2.0))),
+    "phi3-longrope": ("Phi3Config", dict(intermediate_size=48, num_key_value_heads=2, pad_token_id=0,
+                                         original_max_position_embeddings=6, rope_scaling=dict(
+                                             type="longrope", short_factor=[1.0, 1.1, 1.3, 1.6],
+                                             long_factor=[1.0, 2.0, 3.5, 6.0]))),
+    # the families of the registry's second wave
+    "qwen3": ("Qwen3Config", dict(intermediate_size=48, num_key_value_heads=2, head_dim=12, tie_word_embeddings=True)),
+    "qwen3_moe": ("Qwen3MoeConfig", dict(num_key_value_heads=2, head_dim=8, moe_intermediate_size=16, num_experts=4,
+                                         num_experts_per_tok=2)),
+    "qwen3_moe-norm-topk": ("Qwen3MoeConfig", dict(num_key_value_heads=2, head_dim=8, moe_intermediate_size=16,
+                                                   num_experts=4, num_experts_per_tok=2, norm_topk_prob=True,
+                                                   use_sliding_window=True, sliding_window=4)),
+    "gemma3": ("Gemma3TextConfig", dict(intermediate_size=48, num_key_value_heads=2, head_dim=8, num_hidden_layers=3,
+                                        sliding_window=4, layer_types=["sliding_attention", "full_attention",
+                                                                       "sliding_attention"],
+                                        query_pre_attn_scalar=12, final_logit_softcapping=3.0,
+                                        rope_parameters={"full_attention": dict(rope_type="linear", factor=4.0,
+                                                                                rope_theta=100000.0),
+                                                         "sliding_attention": dict(rope_type="default",
+                                                                                   rope_theta=1000.0)})),
+    "olmo2": ("Olmo2Config", dict(intermediate_size=48, num_key_value_heads=2)),
+    "smollm3": ("SmolLM3Config", dict(intermediate_size=48, num_key_value_heads=2, num_hidden_layers=4, pad_token_id=0,
+                                      no_rope_layer_interval=2, use_sliding_window=True, sliding_window=4)),
+    "granite": ("GraniteConfig", dict(intermediate_size=48, num_key_value_heads=2, embedding_multiplier=3.0,
+                                      attention_multiplier=0.3, residual_multiplier=0.5, logits_scaling=2.5)),
+    "stablelm": ("StableLmConfig", dict(intermediate_size=48, num_key_value_heads=2, use_qkv_bias=True,
+                                        qk_layernorm=True, partial_rotary_factor=0.5)),
+    "stablelm-parallel": ("StableLmConfig", dict(intermediate_size=48, num_key_value_heads=4, use_parallel_residual=True)),
 }
 
 
@@ -44,13 +78,13 @@ def make_hf_model(name: str, seed: int = 0):
     import transformers
 
     cls, kwargs = FAMILIES[name]
-    config = getattr(transformers, cls)(**_common, **kwargs)
+    config = getattr(transformers, cls)(**{**_common, **kwargs})
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for pname, p in model.named_parameters():
-            if p.ndim == 1 and ("norm" in pname or "ln" in pname):
+            if "norm" in pname or ("ln" in pname and p.ndim == 1):
                 p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
             else:
                 p.copy_(0.08 * torch.randn(p.shape, generator=g))

@@ -31,7 +31,7 @@ CONFIGS = {
                           mlp_class="GemmaMLP", gelu_approximate=True, scale_embeddings=True, tie_embeddings=True,
                           post_attention_norm=True, post_mlp_norm=True, attention_scores_scalar=12,
                           attention_logit_softcapping=5.0, final_logit_softcapping=3.0, sliding_window_size=3,
-                          sliding_window_layers="even", **_BASE),
+                          attention_types=("sliding", "global"), **_BASE),
     "gpt_neox": ModelConfig(name="tiny-neox", model_type="gpt_neox", n_query_groups=4, norm_class="LayerNorm",
                             parallel_residual=True, bias=True, mlp_class="GptNeoxMLP", rotary_percentage=0.25,
                             **_BASE),

@@ -35,15 +35,22 @@ class ModelConfig:
     # Residual layout
     parallel_residual: bool = False  # x + attn(norm1(x)) + mlp(norm2(x))
     shared_attention_norm: bool = False  # parallel residual with norm2 == norm1
-    post_attention_norm: bool = False  # Gemma-2: norm on the attention output
-    post_mlp_norm: bool = False  # Gemma-2: norm on the MLP output
+    pre_norm: bool = True  # norms on the block inputs (False: OLMo 2, post-norms only)
+    post_attention_norm: bool = False  # Gemma-2/3, OLMo 2: norm on the attention output
+    post_mlp_norm: bool = False  # Gemma-2/3, OLMo 2: norm on the MLP output
+    residual_multiplier: float = 1.0  # Granite: x + multiplier * attn(...), likewise the MLP
     # Attention
     rotary_percentage: float = 1.0
     rope_base: float = 10000.0
-    rope_scaling: tuple[tuple[str, float], ...] | None = None  # Llama-3.1: factor, low/high_freq_factor, original_max_seq_len
+    rope_scaling: tuple[tuple[str, object], ...] | None = None  # `models.rope.parse_rope_scaling`'s canonical form
+    rope_local_base: float | None = None  # Gemma 3: RoPE base of sliding layers (unscaled); None: as global
+    nope_layers: tuple[int, ...] = ()  # SmolLM3: layers without RoPE
     sliding_window_size: int | None = None
-    sliding_window_layers: str = "all"  # "all" | "even" (Gemma-2: layers 0, 2, 4, ... slide)
+    # per layer "global" | "sliding"; None: every layer "sliding" when sliding_window_size is set, else "global"
+    attention_types: tuple[str, ...] | None = None
     attention_scores_scalar: float | None = None  # query scale 1/sqrt(scalar); None: head_size
+    attention_multiplier: float | None = None  # Granite: the query scale itself (overrides the above)
+    qk_norm: str | None = None  # None | "head" (one [head_size] weight) | "per_head" ([heads, head_size]) | "full" (q/k projection)
     attention_logit_softcapping: float | None = None
     final_logit_softcapping: float | None = None
     bias: bool = False  # bias on every attention and MLP linear
@@ -54,30 +61,32 @@ class ModelConfig:
     gelu_approximate: bool = False  # tanh approximation of GELU
     n_expert: int = 0
     n_expert_per_token: int = 0
+    moe_norm_topk: bool = True  # renormalise the chosen experts' weights (Mixtral); False: softmax over all (Qwen3-MoE)
     # Embedding / head
     scale_embeddings: bool = False  # Gemma: embeddings times sqrt(n_embd)
+    embedding_multiplier: float = 1.0  # Granite: embeddings times this
+    logits_scaling: float = 1.0  # Granite: logits divided by this
     tie_embeddings: bool = False
     lm_head_bias: bool = False
 
     def __post_init__(self):
         if self.head_size is None:
             object.__setattr__(self, "head_size", self.n_embd // self.n_head)
+        if self.attention_types is not None and len(self.attention_types) != self.n_layer:
+            raise ValueError(f"attention_types has {len(self.attention_types)} entries for {self.n_layer} layers")
 
     @property
     def rope_n_elem(self) -> int:
         """How many leading dims of each head are rotated (partial rotary)."""
         return int(self.rotary_percentage * self.head_size)
 
-    @property
-    def rope_scaling_dict(self) -> dict[str, float] | None:
-        return dict(self.rope_scaling) if self.rope_scaling else None
+    def attention_type(self, layer: int) -> str:
+        if self.attention_types is not None:
+            return self.attention_types[layer]
+        return "global" if self.sliding_window_size is None else "sliding"
 
     def sliding_window_for_layer(self, layer: int) -> int | None:
-        if self.sliding_window_size is None:
-            return None
-        if self.sliding_window_layers == "even" and layer % 2:
-            return None
-        return self.sliding_window_size
+        return self.sliding_window_size if self.attention_type(layer) == "sliding" else None
 
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)

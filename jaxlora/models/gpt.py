@@ -24,23 +24,26 @@ import numpy as np
 from flax import nnx
 
 from jaxlora.models.config import ModelConfig
-from jaxlora.models import packing
+from jaxlora.models import packing, rope
 from jaxlora.models.lora import LoRAConfig, LoRALinear, logical_axes
 
 REMAT_CHOICES = ("none", "block")  # or any name in jax.checkpoint_policies
 
 
 class Norm(nnx.Module):
-    """RMSNorm (optionally Gemma's `1 + weight`) or LayerNorm; computed in fp32, returns x's dtype."""
+    """RMSNorm (optionally Gemma's `1 + weight`) or LayerNorm over the last axis; computed in fp32,
+    returns x's dtype. shape: the weight's shape (its leading axes broadcast over x's, as the
+    per-head QK-norm weights [heads, head_size] do); bias: LayerNorm's bias (default: LayerNorm has one)."""
 
-    def __init__(self, size: int, config: ModelConfig, param_dtype):
+    def __init__(self, shape: int | tuple, config: ModelConfig, param_dtype, *, axes=("embed",), bias=None):
+        shape = (shape,) if isinstance(shape, int) else tuple(shape)
         self.kind = config.norm_class
         self.eps = config.norm_eps
         self.unit_offset = config.norm_unit_offset
         init = jnp.zeros if self.unit_offset else jnp.ones
-        self.weight = nnx.Param(init((size,), param_dtype), **logical_axes(("embed",)))
-        self.bias = (nnx.Param(jnp.zeros((size,), param_dtype), **logical_axes(("embed",)))
-                     if self.kind == "LayerNorm" else None)
+        self.weight = nnx.Param(init(shape, param_dtype), **logical_axes(axes))
+        has_bias = self.kind == "LayerNorm" if bias is None else bias
+        self.bias = nnx.Param(jnp.zeros(shape, param_dtype), **logical_axes(axes)) if has_bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
         h = x.astype(jnp.float32)
@@ -54,28 +57,33 @@ class Norm(nnx.Module):
         return h.astype(x.dtype)
 
 
-def rope_inv_freq(config: ModelConfig) -> np.ndarray:
-    """Inverse frequencies [rope_n_elem // 2] (fp32), with Llama-3.1 scaling when configured."""
-    n = config.rope_n_elem
-    inv_freq = 1.0 / (config.rope_base ** (np.arange(0, n, 2, dtype=np.float64) / n))
-    scaling = config.rope_scaling_dict
-    if scaling:
-        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
-        old_ctx = scaling["original_max_position_embeddings"]
-        wavelen = 2 * np.pi / inv_freq
-        low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
-        smooth = (old_ctx / wavelen - low) / (high - low)
-        smoothed = (1 - smooth) * inv_freq / factor + smooth * inv_freq
-        inv_freq = np.where(wavelen > low_wavelen, inv_freq / factor,
-                            np.where(wavelen < high_wavelen, inv_freq, smoothed))
-    return inv_freq.astype(np.float32)
+def rope_tables(config: ModelConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array, np.ndarray]:
+    """positions int [b, t] -> (cos, sin fp32 [kinds, b, t, 1, rope_n_elem], kind of each layer int [n_layer]).
 
-
-def rope_tables(positions: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, jax.Array]:
-    """positions int [b, t] -> cos, sin fp32 [b, t, 1, rope_n_elem] (rotate-half layout)."""
-    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [b, t, n/2]
-    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
-    return jnp.cos(angles), jnp.sin(angles)
+    Kind 0 is the model's RoPE (scaled as configured, times its attention scaling), kind 1 the
+    sliding layers' own unscaled RoPE (Gemma 3's `rope_local_base`), and the last kind the identity
+    for layers without RoPE (cos 1, sin 0: `apply_rope` returns x exactly). Rotate-half layout.
+    """
+    c = config
+    n = c.rope_n_elem
+    seq_len = jnp.max(positions) + 1 if rope.is_dynamic(c.rope_scaling) else None
+    inv_freq, scale = rope.inv_freq_and_scaling(n, c.rope_base, c.rope_scaling, seq_len)
+    tables = [(inv_freq, scale)]
+    kind = np.zeros(c.n_layer, np.int32)
+    if c.rope_local_base is not None:
+        tables.append(rope.inv_freq_and_scaling(n, c.rope_local_base, None))
+        kind[[c.attention_type(i) == "sliding" for i in range(c.n_layer)]] = len(tables) - 1
+    cos, sin = [], []
+    for inv_freq, scale in tables:
+        angles = positions[..., None].astype(jnp.float32) * inv_freq  # [b, t, n/2]
+        angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+        cos.append(jnp.cos(angles) * scale)
+        sin.append(jnp.sin(angles) * scale)
+    if c.nope_layers:
+        cos.append(jnp.ones_like(cos[0]))
+        sin.append(jnp.zeros_like(sin[0]))
+        kind[list(c.nope_layers)] = len(cos) - 1
+    return jnp.stack(cos), jnp.stack(sin), kind
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
@@ -129,8 +137,18 @@ class Attention(nnx.Module):
         self.v = mk(c.n_embd, kv_out, ("embed", "kv_heads"), "value", qkv_bias)
         self.proj = mk(q_out, c.n_embd, ("heads", "embed"), "projection", c.bias or c.attn_out_bias)
         self.n_head, self.n_kv, self.head_size = c.n_head, c.n_query_groups, c.head_size
-        self.scale = 1.0 / math.sqrt(c.attention_scores_scalar or c.head_size)
+        self.scale = c.attention_multiplier or 1.0 / math.sqrt(c.attention_scores_scalar or c.head_size)
         self.softcap = c.attention_logit_softcapping
+        # QK-norm (before RoPE), without a bias: over each head with one weight ("head") or one per
+        # head ("per_head"), or over the whole q / k projection ("full")
+        self.qk_norm = c.qk_norm
+        if c.qk_norm is not None:
+            shapes = {"head": ((c.head_size,), (None,), (c.head_size,), (None,)),
+                      "per_head": ((c.n_head, c.head_size), ("heads", None), (c.n_query_groups, c.head_size),
+                                   ("kv_heads", None)),
+                      "full": ((q_out,), ("heads",), (kv_out,), ("kv_heads",))}[c.qk_norm]
+            self.q_norm = Norm(shapes[0], c, param_dtype, axes=shapes[1], bias=False)
+            self.k_norm = Norm(shapes[2], c, param_dtype, axes=shapes[3], bias=False)
 
     def __call__(self, x, cos, sin, mask, keys, cache=None, index=None):
         """x [b, t, d] -> (y [b, t, d], new k/v or None); keys: 4 dropout keys or None.
@@ -142,8 +160,12 @@ class Attention(nnx.Module):
         """
         b, t, _ = x.shape
         k0, k1, k2, k3 = keys if keys is not None else (None,) * 4
-        q = self.q(x, dropout_key=k0).reshape(b, t, self.n_head, self.head_size)
-        k = self.k(x, dropout_key=k1).reshape(b, t, self.n_kv, self.head_size)
+        q, k = self.q(x, dropout_key=k0), self.k(x, dropout_key=k1)
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.reshape(b, t, self.n_head, self.head_size), k.reshape(b, t, self.n_kv, self.head_size)
+        if self.qk_norm in ("head", "per_head"):
+            q, k = self.q_norm(q), self.k_norm(k)
         v = self.v(x, dropout_key=k2).reshape(b, t, self.n_kv, self.head_size)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         new_kv = None
@@ -195,7 +217,7 @@ class MLP(nnx.Module):
             bound = 1.0 / math.sqrt(c.n_embd)
             self.router = nnx.Param(jax.random.uniform(rngs.params(), (c.n_embd, c.n_expert), param_dtype,
                                                        -bound, bound), **logical_axes(("embed", None)))
-            self.top_k = c.n_expert_per_token
+            self.top_k, self.norm_topk = c.n_expert_per_token, c.moe_norm_topk
 
     def __call__(self, x, keys):
         """x [b, t, d] -> [b, t, d]; keys: 3 dropout keys or None."""
@@ -219,7 +241,7 @@ class MLP(nnx.Module):
         return jax.nn.silu(gate) * up
 
     def _moe(self, x, k0, k1, k2):
-        """Top-k routing (softmax over the chosen experts' logits, = Mixtral's renormalised top-k).
+        """Top-k routing: softmax over all experts' logits, top-k, renormalised or not (`moe_norm_topk`).
 
         Dense dispatch: every expert runs on every token and unchosen experts get weight 0. Exact,
         shape-static and simple; it costs n_expert / top_k times the FLOPs of sparse dispatch.
@@ -227,7 +249,10 @@ class MLP(nnx.Module):
         router_logits = jnp.einsum("btd,de->bte", x, packing.from_storage(self.router[...]).astype(x.dtype),
                                    preferred_element_type=jnp.float32)
         top_logits, top_idx = jax.lax.top_k(router_logits, self.top_k)
-        top_w = jax.nn.softmax(top_logits, axis=-1)  # [b, t, k]
+        if self.norm_topk:  # softmax over the chosen experts = their softmax probabilities renormalised
+            top_w = jax.nn.softmax(top_logits, axis=-1)  # [b, t, k]
+        else:  # their probabilities under the softmax over all experts
+            top_w = jnp.take_along_axis(jax.nn.softmax(router_logits, axis=-1), top_idx, axis=-1)
         weights = jnp.sum(jax.nn.one_hot(top_idx, router_logits.shape[-1]) * top_w[..., None], axis=-2)
         n_expert = router_logits.shape[-1]
         xe = jnp.broadcast_to(x[:, :, None, :], x.shape[:2] + (n_expert, x.shape[-1]))  # [b, t, e, d]
@@ -238,32 +263,39 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
+    """Pre-norm (norm_1 / norm_2 on the inputs), optional post-norms on the attention and MLP outputs
+    (both: Gemma 2/3; post only: OLMo 2), sequential or parallel residual (norm_2 None: shared norm)."""
+
     def __init__(self, config: ModelConfig, lora: LoRAConfig, param_dtype, rngs: nnx.Rngs):
         c = config
         self.parallel_residual = c.parallel_residual
-        self.norm_1 = Norm(c.n_embd, c, param_dtype)
+        self.residual_multiplier = c.residual_multiplier
+        self.norm_1 = Norm(c.n_embd, c, param_dtype) if c.pre_norm else None
         self.attn = Attention(c, lora, param_dtype, rngs)
         self.post_attention_norm = Norm(c.n_embd, c, param_dtype) if c.post_attention_norm else None
-        self.norm_2 = None if c.shared_attention_norm else Norm(c.n_embd, c, param_dtype)
+        self.norm_2 = None if c.shared_attention_norm or not c.pre_norm else Norm(c.n_embd, c, param_dtype)
         self.mlp = MLP(c, lora, param_dtype, rngs)
         self.post_mlp_norm = Norm(c.n_embd, c, param_dtype) if c.post_mlp_norm else None
 
     def __call__(self, x, cos, sin, mask, dropout_key=None, cache=None, index=None):
         """x [b, t, d] -> (x [b, t, d], new k/v or None); cache/index as in `Attention`."""
         keys = None if dropout_key is None else tuple(jax.random.split(dropout_key, 7))
-        h = self.norm_1(x)
+        h = x if self.norm_1 is None else self.norm_1(x)
         attn, new_kv = self.attn(h, cos, sin, mask, None if keys is None else keys[:4], cache, index)
-        if self.post_attention_norm is not None:
-            attn = self.post_attention_norm(attn)
+        attn = self._residual(attn, self.post_attention_norm)
         if self.parallel_residual:
             mlp_in = h if self.norm_2 is None else self.norm_2(x)
         else:
             x = x + attn
-            mlp_in = self.norm_2(x)
-        m = self.mlp(mlp_in, None if keys is None else keys[4:])
-        if self.post_mlp_norm is not None:
-            m = self.post_mlp_norm(m)
+            mlp_in = x if self.norm_2 is None else self.norm_2(x)
+        m = self._residual(self.mlp(mlp_in, None if keys is None else keys[4:]), self.post_mlp_norm)
         return (x + attn + m if self.parallel_residual else x + m), new_kv
+
+    def _residual(self, y, post_norm):
+        """A branch's output as added to the residual stream: post-normed, times the multiplier."""
+        if post_norm is not None:
+            y = post_norm(y)
+        return y if self.residual_multiplier == 1.0 else y * jnp.asarray(self.residual_multiplier, y.dtype)
 
 
 class GPT(nnx.Module):
@@ -349,13 +381,15 @@ class GPT(nnx.Module):
         """
         c = self.config
         base_mask, distance = attention_masks(query_slots, key_valid)
-        cos, sin = rope_tables(positions, rope_inv_freq(c))
+        cos, sin, rope_kind = rope_tables(c, positions)
 
         constrain = ((lambda a: a) if batch_sharding is None else
                      (lambda a: jax.lax.with_sharding_constraint(a, batch_sharding)))
         x = self.wte[...][input_ids].astype(self.compute_dtype)
         if c.scale_embeddings:
             x = x * jnp.asarray(math.sqrt(c.n_embd), self.compute_dtype)
+        if c.embedding_multiplier != 1.0:
+            x = x * jnp.asarray(c.embedding_multiplier, self.compute_dtype)
         x = constrain(x)
 
         windows = jnp.asarray([c.sliding_window_for_layer(i) or 0 for i in range(c.n_layer)], jnp.int32)
@@ -364,15 +398,16 @@ class GPT(nnx.Module):
         block_state = jax.tree.map(packing.to_storage, block_state)  # 16-bit weights as bits (see packing)
 
         def body(h, layer):
-            state, window, key, kv = layer
+            state, window, kind, key, kv = layer
             mask = base_mask & ((window == 0) | (distance < window))
-            h, new_kv = nnx.merge(graphdef, state)(h, cos, sin, mask, key, kv, index)
+            layer_cos, layer_sin = (cos[0], sin[0]) if len(cos) == 1 else (cos[kind], sin[kind])
+            h, new_kv = nnx.merge(graphdef, state)(h, layer_cos, layer_sin, mask, key, kv, index)
             return constrain(h), new_kv
 
         if self.remat != "none":
             policy = None if self.remat == "block" else getattr(jax.checkpoint_policies, self.remat)
             body = jax.checkpoint(body, policy=policy, prevent_cse=not self.scan_layers)
-        xs = (block_state, windows, layer_keys, cache)
+        xs = (block_state, windows, jnp.asarray(rope_kind), layer_keys, cache)
         if self.scan_layers:
             return jax.lax.scan(body, x, xs)
         new_kv = []
@@ -383,27 +418,30 @@ class GPT(nnx.Module):
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """hidden [..., n_embd] -> fp32 logits [..., padded_vocab_size] (final soft-capping applied)."""
-        return _head_logits(self.lm_head, self.wte[...], self.config.final_logit_softcapping, hidden)
+        return _head_logits(self.lm_head, self.wte[...], self.config, hidden)
 
     def logits_head(self):
         """-> (apply, params): `apply(params, hidden)` computes `self.logits(hidden)` as a pure function
         of `params` (the head's variables and, for tied embeddings, the embedding), for losses that
         differentiate the head themselves (`training.step.cross_entropy_sum`). `apply` holds no arrays."""
         graphdef, state = nnx.split(self.lm_head)
-        cap = self.config.final_logit_softcapping
+        config = self.config
         tied = self.lm_head.kernel is None
 
         def apply(params, hidden):
             head_state, wte = params
-            return _head_logits(nnx.merge(graphdef, head_state), wte, cap, hidden)
+            return _head_logits(nnx.merge(graphdef, head_state), wte, config, hidden)
 
         return apply, (state, self.wte[...] if tied else None)
 
 
-def _head_logits(lm_head: LoRALinear, wte: jax.Array | None, cap: float | None, hidden: jax.Array) -> jax.Array:
+def _head_logits(lm_head: LoRALinear, wte: jax.Array | None, config: ModelConfig, hidden: jax.Array) -> jax.Array:
     if lm_head.kernel is None:  # tied: contract the [vocab, embd] embedding as stored; a transposed
         # view is copied whole when it enters the loss-chunk loop (XLA gives loop operands the default layout)
         y = lm_head(hidden, kernel=wte, kernel_transposed=True, out_dtype=jnp.float32)
     else:
         y = lm_head(hidden, out_dtype=jnp.float32)
+    if config.logits_scaling != 1.0:
+        y = y / config.logits_scaling
+    cap = config.final_logit_softcapping
     return jnp.tanh(y / cap) * cap if cap else y

@@ -14,7 +14,8 @@ from jaxlora.errors import CheckpointError
 from jaxlora.models.config import ModelConfig
 from jaxlora.models.families.base import Family, KeyMap, Source, common_fields, common_hf
 
-_MODULES = ("llama", "mistral", "mixtral", "qwen2", "phi3", "phi", "gemma", "gemma2", "falcon", "gpt_neox")
+_MODULES = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen3_moe", "phi3", "phi", "gemma", "gemma2", "gemma3",
+            "olmo2", "smollm3", "granite", "stablelm", "falcon", "gpt_neox")
 
 FAMILIES: dict[str, Family] = {}  # HF model_type -> its family
 PRESETS: dict[str, ModelConfig] = {}  # LitGPT-style model name -> ModelConfig

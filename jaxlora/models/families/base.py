@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from jaxlora.errors import CheckpointError
+from jaxlora.models import rope
 from jaxlora.models.config import ModelConfig
 
 KeyMap = tuple[dict, dict]  # (top-level sources, per-block sources)
@@ -94,25 +95,16 @@ def rope_base(hf: dict, default: float = 10000.0) -> float:
 
 
 def rope_scaling(hf: dict, family: str) -> tuple | None:
-    """The rope scaling of config.json as `ModelConfig.rope_scaling`; None when there is none."""
-    params = rope_parameters(hf)
-    kind = params.get("rope_type", params.get("type"))
-    if kind in (None, "default"):
-        return None
-    if kind != "llama3":
-        raise CheckpointError(f"unsupported rope_scaling {kind!r} for model_type {family!r}; supported: llama3 "
-                              "(Llama-3.1/3.2)")
-    return tuple(sorted((k, float(params[k])) for k in
-                        ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")))
+    """The RoPE scaling of config.json as `ModelConfig.rope_scaling` (None: none); CheckpointError, naming the
+    field, for a rope type or parameter that `models.rope` does not implement exactly."""
+    return rope.parse_rope_scaling(rope_parameters(hf) or None,
+                                   max_position_embeddings=hf.get("max_position_embeddings") or 4096,
+                                   original_max_position_embeddings=hf.get("original_max_position_embeddings"))
 
 
 def rope_scaling_hf(c: ModelConfig) -> dict:
     """config.json's `rope_scaling` entry of `c` ({} when there is none)."""
-    if not c.rope_scaling:
-        return {}
-    scaling = c.rope_scaling_dict
-    scaling["original_max_position_embeddings"] = int(scaling["original_max_position_embeddings"])
-    return {"rope_scaling": {"rope_type": "llama3", **scaling}}
+    return {"rope_scaling": rope.rope_scaling_to_hf(c.rope_scaling)} if c.rope_scaling else {}
 
 
 def common_fields(hf: dict, *, tie_default: bool = False) -> dict:
@@ -181,6 +173,35 @@ def llama_keys(c: ModelConfig, *, attn: dict | None = None, mlp: dict | None = N
              "norm_2": norm(p + "post_attention_layernorm")}
     top = {"wte": Source(("model.embed_tokens.weight",)), "ln_f": norm("model.norm"), "lm_head": linear("lm_head")}
     return top, block
+
+
+_LAYER_TYPES = {"full_attention": "global", "sliding_attention": "sliding"}
+
+
+def attention_layout(hf: dict, n_layer: int, block_size: int, family: str, *, window: int | None,
+                     sliding: list[bool] | None = None) -> dict:
+    """sliding_window_size and attention_types from config.json's `layer_types` (transformers 5 writes
+    it), else from `sliding` (the family's own rule: which layers slide when there is a window).
+    window: the sliding window when the family's switches turn it on, else None."""
+    names = hf.get("layer_types")
+    if names is not None:
+        unknown = sorted(set(names) - set(_LAYER_TYPES))
+        if unknown or len(names) != n_layer:
+            raise CheckpointError(f"unsupported {family} config.json layer_types {unknown or names}: jaxlora "
+                                  f"implements {n_layer} entries of full_attention / sliding_attention")
+        types = [_LAYER_TYPES[n] for n in names]
+    else:
+        types = ["sliding" if s else "global" for s in (sliding or [True] * n_layer)]
+    if not window or window >= block_size or "sliding" not in types:
+        return {}  # a window as long as the context is no window
+    if all(t == "sliding" for t in types):
+        return {"sliding_window_size": int(window)}
+    return {"sliding_window_size": int(window), "attention_types": tuple(types)}
+
+
+def layer_types_hf(c: ModelConfig) -> list[str]:
+    """config.json's `layer_types` of `c`."""
+    return ["sliding_attention" if c.attention_type(i) == "sliding" else "full_attention" for i in range(c.n_layer)]
 
 
 def sliding_window(hf: dict, block_size: int) -> dict:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from jaxlora.models import rope
 from jaxlora.models.families import base
 
-_LLAMA3_ROPE = lambda factor: (("factor", factor), ("high_freq_factor", 4.0), ("low_freq_factor", 1.0),
-                               ("original_max_position_embeddings", 8192.0))
+_LLAMA3_ROPE = lambda factor: rope.parse_rope_scaling(
+    dict(rope_type="llama3", factor=factor, low_freq_factor=1.0, high_freq_factor=4.0,
+         original_max_position_embeddings=8192), max_position_embeddings=131072)
 
 
 def from_hf(hf: dict) -> dict:
