@@ -37,6 +37,15 @@ CASES = {
     "gpt_neox": jaxlora.LoRAConfig(r=4, alpha=16, query=True, value=True, mlp=True, head=True),
     "falcon-new-arch": jaxlora.LoRAConfig(r=2, alpha=4, key=True, projection=True),
     "qwen2": jaxlora.LoRAConfig(r=3, alpha=6, query=True, value=True, head=True),
+    # the second wave: QK-norm (Qwen3 with a tied head, Gemma 3, OLMo 2's full-projection norm, StableLM's per-head
+    # norm), NoPE layers (SmolLM3), multipliers (Granite), an MoE's attention (Qwen3-MoE)
+    "qwen3": jaxlora.LoRAConfig(r=2, alpha=4, **ALL),
+    "gemma3": jaxlora.LoRAConfig(r=2, alpha=4, query=True, key=True, value=True, projection=True, mlp=True),
+    "olmo2": jaxlora.LoRAConfig(r=2, alpha=4, **ALL),
+    "smollm3": jaxlora.LoRAConfig(r=2, alpha=4, query=True, value=True, mlp=True),
+    "granite": jaxlora.LoRAConfig(r=2, alpha=4, **ALL),
+    "stablelm": jaxlora.LoRAConfig(r=2, alpha=4, **ALL),
+    "qwen3_moe": jaxlora.LoRAConfig(r=2, alpha=4, query=True, key=True, value=True, projection=True),
 }
 
 

@@ -183,6 +183,8 @@ def read_peft_adapter(directory: str | os.PathLike, config: ModelConfig) -> tupl
     sites = lora_sites(config)
     owners: dict[str, set[str]] = {}  # HF module name -> the targets of the sites it holds
     for s in sites:
+        if s.kernel.experts:  # fused 3-D parameters in transformers 5: no PEFT module name
+            continue
         for i in range(config.n_layer) if s.layered else [None]:
             owners.setdefault(s.module_at(i), set()).add(s.target)
     for name, ab in modules.items():

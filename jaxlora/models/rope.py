@@ -43,7 +43,9 @@ def _num(rope_type: str, key: str, value, *, integer: bool = False):
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if not ok or (integer and (value <= 0 or value != int(value))):
         kind = "a positive integer" if integer else "a number"
-        raise CheckpointError(f"rope_scaling {key!r} for rope_type {rope_type!r} in config.json must be {kind}, got {value!r}.")
+        raise CheckpointError(
+            f"rope_scaling {key!r} for rope_type {rope_type!r} in config.json must be {kind}, got {value!r}."
+        )
     return int(value) if integer else float(value)
 
 
@@ -54,7 +56,7 @@ def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
 def parse_rope_scaling(
     rope: dict | None, *, max_position_embeddings: int, original_max_position_embeddings: int | None = None
 ) -> tuple[tuple[str, object], ...] | None:
-    """HF rope_scaling / rope_parameters dict -> sorted hashable ((key, value), ...) with "rope_type"; None for no scaling.
+    """HF rope_scaling / rope_parameters dict -> sorted hashable ((key, value), ...) with "rope_type"; None: no scaling.
 
     Defaults are resolved as transformers does: original_max_position_embeddings (yarn, longrope, llama3) is the
     config's top-level value when it has one (`original_max_position_embeddings`, e.g. Phi-3; transformers gives it
@@ -93,13 +95,15 @@ def parse_rope_scaling(
     if rope_type in ("linear", "dynamic", "yarn", "llama3"):
         out["factor"] = factor = get("factor")
         if factor <= 0:
-            raise CheckpointError(f"rope_scaling 'factor' for rope_type {rope_type!r} in config.json must be > 0, got {factor!r}.")
+            raise CheckpointError(
+                f"rope_scaling 'factor' for rope_type {rope_type!r} in config.json must be > 0, got {factor!r}."
+            )
     if rope_type == "dynamic":
         out["max_position_embeddings"] = _num(rope_type, "max_position_embeddings", mpe, integer=True)
     elif rope_type == "llama3":
         out["low_freq_factor"], out["high_freq_factor"] = get("low_freq_factor"), get("high_freq_factor")
         if out["high_freq_factor"] == out["low_freq_factor"]:
-            raise CheckpointError("rope_scaling 'high_freq_factor' for rope_type 'llama3' in config.json equals 'low_freq_factor'.")
+            raise CheckpointError("rope_scaling 'high_freq_factor' for rope_type 'llama3' equals 'low_freq_factor'.")
     elif rope_type == "yarn":
         mscale, mscale_all_dim, attention = get("mscale"), get("mscale_all_dim"), get("attention_factor")
         if attention is None and mscale and mscale_all_dim:
@@ -111,20 +115,20 @@ def parse_rope_scaling(
     elif rope_type == "longrope":
         for key in ("short_factor", "long_factor"):
             if not isinstance(rope[key], (list, tuple)):
-                raise CheckpointError(f"rope_scaling {key!r} for rope_type 'longrope' in config.json must be a list of numbers.")
+                raise CheckpointError(f"rope_scaling {key!r} for rope_type 'longrope' must be a list of numbers.")
             out[key] = tuple(_num(rope_type, key, x) for x in rope[key])
         factor = get("factor")
         if factor is None:
             factor = _num(rope_type, "max_position_embeddings", mpe, integer=True) / ompe
         out["factor"] = factor
         attention = get("attention_factor")
-        default_attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(mpe))
+        default_attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(ompe))
         out["attention_factor"] = default_attention if attention is None else attention
     return tuple(sorted(out.items()))
 
 
 def rope_scaling_to_hf(scaling) -> dict | None:
-    """Canonical tuple -> config.json `rope_scaling` dict (tuples as lists; max_position_embeddings is the config's own)."""
+    """Canonical tuple -> config.json `rope_scaling` dict (tuples as lists; max_position_embeddings stays top-level)."""
     if not scaling:
         return None
     return {k: list(v) if isinstance(v, tuple) else v for k, v in scaling if k != "max_position_embeddings"}
@@ -170,7 +174,7 @@ def _llama3(inv_freq: np.ndarray, s: dict) -> np.ndarray:
 
 
 def inv_freq_and_scaling(dim: int, base: float, scaling, seq_len=None):
-    """-> (inv_freq float32 [(dim + 1) // 2], attention_scaling float32 scalar); cos/sin = cos/sin(pos * inv_freq) * scaling.
+    """-> (inv_freq float32 [(dim + 1) // 2], attention_scaling float32 []); cos = cos(pos * inv_freq) * scaling.
 
     dim: rotated dims of a head (partial rotary already applied); base: rope_theta; scaling: parse_rope_scaling's
     tuple or None. Static types return (np.ndarray, np.float32). Dynamic types (see is_dynamic) return jnp float32
@@ -209,5 +213,6 @@ def inv_freq_and_scaling(dim: int, base: float, scaling, seq_len=None):
             )
         pos_freqs = _pow(base, exponent)
         short_inv, long_inv = _F32(1) / (short * pos_freqs), _F32(1) / (long * pos_freqs)
-        return jnp.where(seq > s[_OMPE], jnp.asarray(long_inv), jnp.asarray(short_inv)), jnp.float32(s["attention_factor"])
+        inv_freq = jnp.where(seq > s[_OMPE], jnp.asarray(long_inv), jnp.asarray(short_inv))
+        return inv_freq, jnp.float32(s["attention_factor"])
     raise CheckpointError(f"unsupported rope_scaling rope_type {rope_type!r}; supported: {', '.join(ROPE_TYPES)}.")

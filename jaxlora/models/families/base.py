@@ -91,7 +91,8 @@ def rope_parameters(hf: dict) -> dict:
 
 
 def rope_base(hf: dict, default: float = 10000.0) -> float:
-    return float(hf.get("rope_theta") or rope_parameters(hf).get("rope_theta") or default)
+    """The RoPE base; a rope_theta inside the rope dict wins over the top-level one, as in transformers."""
+    return float(rope_parameters(hf).get("rope_theta") or hf.get("rope_theta") or default)
 
 
 def rope_scaling(hf: dict, family: str) -> tuple | None:
@@ -103,8 +104,13 @@ def rope_scaling(hf: dict, family: str) -> tuple | None:
 
 
 def rope_scaling_hf(c: ModelConfig) -> dict:
-    """config.json's `rope_scaling` entry of `c` ({} when there is none)."""
-    return {"rope_scaling": rope.rope_scaling_to_hf(c.rope_scaling)} if c.rope_scaling else {}
+    """config.json's `rope_scaling` entry of `c` ({} when there is none), with its original context length
+    also at the top level, where transformers looks first (and Phi-3's config class has a default)."""
+    if not c.rope_scaling:
+        return {}
+    scaling = rope.rope_scaling_to_hf(c.rope_scaling)
+    original = scaling.get("original_max_position_embeddings")
+    return {"rope_scaling": scaling, **({} if original is None else {"original_max_position_embeddings": original})}
 
 
 def common_fields(hf: dict, *, tie_default: bool = False) -> dict:

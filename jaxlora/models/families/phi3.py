@@ -7,6 +7,9 @@ from jaxlora.models.families.base import linear
 
 
 def from_hf(hf: dict) -> dict:
+    # transformers' Phi3Config has original_max_position_embeddings=4096 when config.json does not say,
+    # and it takes precedence over the rope_scaling dict's
+    hf = dict(hf, original_max_position_embeddings=hf.get("original_max_position_embeddings") or 4096)
     fields = base.llama_fields(hf, "phi3")
     return dict(fields, **base.sliding_window(hf, fields["block_size"]))
 
