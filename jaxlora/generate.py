@@ -82,9 +82,12 @@ class DecodeState:
     """The loop carry. tokens int32 [b, max_new_tokens] (0 after a row stops); token int32 [b]: the
     latest one, fed next; step int32 []: tokens generated; done bool [b]; length int32 [b]: answer
     tokens (stop sequence excluded); stops int32 [n, L] (`stop_array`); recent int32 [b, L]: the
-    last L generated tokens (-1 before the first)."""
+    last L generated tokens (-1 before the first); prompt, prompt_mask int32 [b, P]: the prompts as
+    prefilled (to prefill again, see `_step`)."""
 
     cache: KVCache
+    prompt: jax.Array
+    prompt_mask: jax.Array
     stops: jax.Array
     tokens: jax.Array
     token: jax.Array
@@ -114,17 +117,41 @@ def _prefill(model: GPT, ids, mask, stops, key, *, max_new_tokens: int, sampling
     b, p = ids.shape
     cache = model.init_cache(b, p + max_new_tokens, cache_dtype)
     logits, cache = model.forward_with_cache(ids, cache, attention_mask=mask, last_only=True)
-    s = DecodeState(cache=cache, stops=stops, tokens=jnp.zeros((b, max_new_tokens), jnp.int32),
+    s = DecodeState(cache=cache, prompt=ids, prompt_mask=mask, stops=stops, tokens=jnp.zeros((b, max_new_tokens), jnp.int32),
                     token=jnp.zeros((b,), jnp.int32), step=jnp.zeros((), jnp.int32), done=jnp.zeros((b,), bool),
                     length=jnp.zeros((b,), jnp.int32), recent=jnp.full((b, stops.shape[1]), -1, jnp.int32), key=key)
     return _record(s, sample(logits[:, -1], jax.random.fold_in(key, 0), sampling, model.config.vocab_size))
 
 
 def _step(model: GPT, s: DecodeState, *, sampling: Sampling) -> DecodeState:
-    """Feed the latest token through the cache and draw the next one."""
-    logits, cache = model.forward_with_cache(s.token[:, None], s.cache)
+    """Feed the latest token through the cache and draw the next one.
+
+    longrope switches from its short to its long factors once the sequence is longer than
+    original_max_position_embeddings; everything cached before was computed with the short ones, so
+    at that step the whole sequence is prefilled again (as transformers' Phi-3 generation does) and
+    each step's logits stay those of the full forward over the sequence so far.
+    """
+    scaling = dict(model.config.rope_scaling or ())
+    if scaling.get("rope_type") != "longrope":
+        logits, cache = model.forward_with_cache(s.token[:, None], s.cache)
+    else:
+        position = jnp.max(jnp.sum(s.cache.valid, axis=1))  # of the token fed now, in the longest row
+        logits, cache = jax.lax.cond(position == scaling["original_max_position_embeddings"], _prefill_again,
+                                     lambda model, s: model.forward_with_cache(s.token[:, None], s.cache), model, s)
     token = sample(logits[:, -1], jax.random.fold_in(s.key, s.step), sampling, model.config.vocab_size)
     return _record(s.replace(cache=cache), token)
+
+
+def _prefill_again(model: GPT, s: DecodeState) -> tuple[jax.Array, KVCache]:
+    """The prompts and every token generated so far (the latest one included) through a fresh cache ->
+    (logits [b, 1, padded_vocab] of the latest token, the cache as if it had been built step by step)."""
+    b, p = s.prompt.shape
+    n = s.tokens.shape[1]
+    ids = jnp.concatenate([s.prompt, s.tokens], axis=1)  # [b, p + n]; tokens[:, :step] are fed so far
+    mask = jnp.concatenate([s.prompt_mask, jnp.broadcast_to(jnp.arange(n) < s.step, (b, n)).astype(jnp.int32)], 1)
+    logits, cache = model.forward_with_cache(ids, model.init_cache(b, p + n, s.cache.k.dtype), attention_mask=mask)
+    last = p + s.step - 1  # the latest token's slot; the masked slots after it are filled by later steps
+    return jax.lax.dynamic_slice_in_dim(logits, last, 1, axis=1), cache.replace(index=last + 1)
 
 
 _STATIC = ("graphdef", "max_new_tokens", "sampling", "cache_dtype")

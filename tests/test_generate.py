@@ -18,6 +18,7 @@ from flax import nnx
 
 from jaxlora.errors import ConfigError
 from jaxlora.generate import Sampling, _generate, generate, left_pad, sample, stream
+from jaxlora.models import rope
 from jaxlora.models.config import ModelConfig
 from jaxlora.models.gpt import GPT
 from jaxlora.models.lora import LoRAConfig
@@ -35,7 +36,20 @@ CONFIGS = {
     "gpt_neox": ModelConfig(name="tiny-neox", model_type="gpt_neox", n_query_groups=4, norm_class="LayerNorm",
                             parallel_residual=True, bias=True, mlp_class="GptNeoxMLP", rotary_percentage=0.25,
                             **_BASE),
+    # Gemma 3: QK-norm, a sliding layer with its own RoPE base next to a global layer with scaled RoPE
+    "gemma3": ModelConfig(name="tiny-gemma3", model_type="gemma3_text", n_query_groups=2, norm_unit_offset=True,
+                          mlp_class="GemmaMLP", gelu_approximate=True, scale_embeddings=True, tie_embeddings=True,
+                          post_attention_norm=True, post_mlp_norm=True, qk_norm="head", sliding_window_size=3,
+                          attention_types=("sliding", "global"), rope_base=100000.0, rope_local_base=1000.0,
+                          rope_scaling=rope.parse_rope_scaling(dict(rope_type="linear", factor=4.0),
+                                                               max_position_embeddings=40), **_BASE),
+    # longrope switches from short to long factors past 6 tokens: the cache path must follow the switch
+    "phi3-longrope": ModelConfig(name="tiny-longrope", model_type="phi3", n_query_groups=2, rope_scaling=rope.parse_rope_scaling(
+        dict(rope_type="longrope", short_factor=[1.0, 1.2, 1.5, 2.0], long_factor=[1.0, 2.5, 4.0, 8.0]),
+        max_position_embeddings=40, original_max_position_embeddings=6), **_BASE),
 }
+# Sequence-length-dependent RoPE: a token's logits are those of the full forward over the tokens up to it
+DYNAMIC = {name for name, c in CONFIGS.items() if rope.is_dynamic(c.rope_scaling)}
 
 
 def _build(config: ModelConfig, lora: LoRAConfig = LoRAConfig()) -> GPT:
@@ -64,14 +78,18 @@ def _prompts(*lengths, seed=0):
     return [rng.integers(0, VOCAB, n).astype(np.int32) for n in lengths]
 
 
-def _greedy_reference(model, prompt, generated):
-    """argmax of the full forward's logits at every position that produced a generated token."""
+def _greedy_reference(model, prompt, generated, per_prefix=False):
+    """argmax of the full forward's logits at every position that produced a generated token (per_prefix:
+    of the full forward over the tokens up to that position, for sequence-length-dependent RoPE)."""
     seq = np.concatenate([prompt, generated])[None]
+    if per_prefix:
+        return np.array([np.asarray(model(jnp.asarray(seq[:, :n])))[0, -1, :VOCAB].argmax()
+                         for n in range(len(prompt), seq.shape[1])])
     logits = np.asarray(model(jnp.asarray(seq)))[0, :, :VOCAB]
     return logits[len(prompt) - 1:-1].argmax(-1)
 
 
-@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("name", sorted(set(CONFIGS) - DYNAMIC))
 def test_cache_logits_match_full_forward(models, name):
     """Feed a left-padded batch through the cache two tokens at a time: logits as the full forward."""
     model = models[name]
@@ -88,13 +106,53 @@ def test_cache_logits_match_full_forward(models, name):
     assert int(cache.index) == 10 and cache.k.shape == (2, 2, 12, CONFIGS[name].n_query_groups, 8)
 
 
+def test_longrope_cache_logits_match_full_forward(models):
+    """Past the switch to the long factors (a prompt of 7 > 6 tokens), cached steps equal the full forward;
+    a forward that stays on the short side (the first 6 tokens alone) differs, so the switch is real.
+    Generation across the switch prefills again: test_greedy_generate_matches_full_forward."""
+    model = models["phi3-longrope"]
+    ids = np.stack(_prompts(11, 11, seed=1))
+    mask = np.ones_like(ids)
+    mask[1, :2] = 0
+    full = np.asarray(model(jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
+    logits, cache = model.forward_with_cache(jnp.asarray(ids[:, :7]), model.init_cache(2, 12),
+                                             attention_mask=jnp.asarray(mask[:, :7]))
+    np.testing.assert_allclose(np.asarray(logits)[0], full[0, :7], atol=1e-5, rtol=0)
+    for i in range(7, 11):
+        logits, cache = model.forward_with_cache(jnp.asarray(ids[:, i:i + 1]), cache)
+        np.testing.assert_allclose(np.asarray(logits)[:, 0], full[:, i], atol=1e-5, rtol=0)
+    short = np.asarray(model(jnp.asarray(ids[:1, :6])))
+    assert np.abs(short[0] - full[0, :6]).max() > 1e-3
+
+
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_greedy_generate_matches_full_forward(models, name):
     model = models[name]
     (prompt,) = _prompts(5, seed=2)
     (out,) = generate(model, [prompt], max_new_tokens=10, prompt_bucket=8)
     assert len(out) == 10  # 5 + 10 tokens: longer than gemma2's window of 3
-    np.testing.assert_array_equal(out, _greedy_reference(model, prompt, out))
+    np.testing.assert_array_equal(out, _greedy_reference(model, prompt, out, per_prefix=name in DYNAMIC))
+
+
+def test_longrope_generation_prefills_again_at_the_switch(models):
+    """Generating across the switch (5 prompt tokens, position 6 reached at the 2nd step): afterwards the
+    cache holds what one prefill of the whole sequence gives, not the short-factor keys of before."""
+    from jaxlora.generate import _prefill_jit, _settings, _step_jit, stop_array
+
+    model = models["phi3-longrope"]
+    ids, mask = left_pad(_prompts(5, seed=4), bucket=8)
+    params, static = _settings(model, 6, Sampling(), None)
+    s = _prefill_jit(params, ids, mask, stop_array(()), jax.random.key(0), **static)
+    for _ in range(3):
+        s = _step_jit(params, s, graphdef=static["graphdef"], sampling=Sampling())
+    fed = int(s.step) - 1  # the latest token is drawn, not fed yet
+    seq = np.concatenate([ids, np.asarray(s.tokens)[:, :fed]], axis=1)
+    seq_mask = np.concatenate([mask, np.ones((1, fed), np.int32)], axis=1)
+    _, ref = model.forward_with_cache(jnp.asarray(seq), model.init_cache(1, seq.shape[1]),
+                                      attention_mask=jnp.asarray(seq_mask))
+    real = seq_mask[0].astype(bool)
+    np.testing.assert_allclose(np.asarray(s.cache.k)[:, 0, :seq.shape[1]][:, real],
+                               np.asarray(ref.k)[:, 0][:, real], atol=1e-5, rtol=0)
 
 
 def test_left_padded_batch_equals_each_prompt_alone(models):

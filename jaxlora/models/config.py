@@ -46,7 +46,8 @@ class ModelConfig:
     rope_local_base: float | None = None  # Gemma 3: RoPE base of sliding layers (unscaled); None: as global
     nope_layers: tuple[int, ...] = ()  # SmolLM3: layers without RoPE
     sliding_window_size: int | None = None
-    # per layer "global" | "sliding"; None: every layer "sliding" when sliding_window_size is set, else "global"
+    # "global" | "sliding" per layer, as a pattern repeated over the layers (Gemma 2: sliding, global); None:
+    # every layer "sliding" when sliding_window_size is set, else "global". Stored in its shortest form.
     attention_types: tuple[str, ...] | None = None
     attention_scores_scalar: float | None = None  # query scale 1/sqrt(scalar); None: head_size
     attention_multiplier: float | None = None  # Granite: the query scale itself (overrides the above)
@@ -72,8 +73,9 @@ class ModelConfig:
     def __post_init__(self):
         if self.head_size is None:
             object.__setattr__(self, "head_size", self.n_embd // self.n_head)
-        if self.attention_types is not None and len(self.attention_types) != self.n_layer:
-            raise ValueError(f"attention_types has {len(self.attention_types)} entries for {self.n_layer} layers")
+        object.__setattr__(self, "attention_types", self._shortest_attention_types())
+        if any(not 0 <= i < self.n_layer for i in self.nope_layers):
+            raise ValueError(f"nope_layers {self.nope_layers} name layers outside 0..{self.n_layer - 1}")
 
     @property
     def rope_n_elem(self) -> int:
@@ -82,8 +84,21 @@ class ModelConfig:
 
     def attention_type(self, layer: int) -> str:
         if self.attention_types is not None:
-            return self.attention_types[layer]
+            return self.attention_types[layer % len(self.attention_types)]
         return "global" if self.sliding_window_size is None else "sliding"
+
+    def _shortest_attention_types(self) -> tuple[str, ...] | None:
+        """attention_types as the shortest pattern that gives the same layers (None when it is the default)."""
+        if self.attention_types is None:
+            return None
+        unknown = set(self.attention_types) - {"global", "sliding"}
+        if unknown:
+            raise ValueError(f"attention_types may hold 'global' and 'sliding', not {sorted(unknown)}")
+        types = tuple(self.attention_types[i % len(self.attention_types)] for i in range(self.n_layer))
+        if set(types) == {"global" if self.sliding_window_size is None else "sliding"}:
+            return None
+        period = next(p for p in range(1, self.n_layer + 1) if all(types[i] == types[i % p] for i in range(self.n_layer)))
+        return types[:period]
 
     def sliding_window_for_layer(self, layer: int) -> int | None:
         return self.sliding_window_size if self.attention_type(layer) == "sliding" else None

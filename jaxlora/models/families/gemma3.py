@@ -58,18 +58,15 @@ def key_map(c) -> base.KeyMap:
     return top, block
 
 
-def _types(n_layer: int) -> tuple[str, ...]:
-    return tuple("global" if (i + 1) % 6 == 0 else "sliding" for i in range(n_layer))
-
-
+_FIVE_TO_ONE = ("sliding",) * 5 + ("global",)
 _shared = dict(head_size=256, norm_eps=1e-6, norm_unit_offset=True, mlp_class="GemmaMLP", gelu_approximate=True,
                scale_embeddings=True, tie_embeddings=True, qk_norm="head", post_attention_norm=True, post_mlp_norm=True,
                rope_base=1000000.0, rope_local_base=10000.0, attention_scores_scalar=256, vocab_size=262144,
                padded_vocab_size=262144)
 _rows = [dict(name="gemma-3-1b-pt", n_layer=26, n_embd=1152, n_head=4, n_query_groups=1, intermediate_size=6912,
-              block_size=32768, sliding_window_size=512, attention_types=_types(26)),
+              block_size=32768, sliding_window_size=512, attention_types=_FIVE_TO_ONE),
          dict(name="gemma-3-4b-pt", n_layer=34, n_embd=2560, n_head=8, n_query_groups=4, intermediate_size=10240,
-              block_size=131072, sliding_window_size=1024, attention_types=_types(34), padded_vocab_size=262208,
+              block_size=131072, sliding_window_size=1024, attention_types=_FIVE_TO_ONE, padded_vocab_size=262208,
               rope_scaling=rope.parse_rope_scaling(dict(rope_type="linear", factor=8.0), max_position_embeddings=131072))]
 
 FAMILY = base.Family(model_types=("gemma3_text",), architecture="Gemma3ForCausalLM", from_hf=from_hf, to_hf=to_hf,
