@@ -80,6 +80,13 @@ RECIPES = {
     "stablelm-base-alpha-3b": ("stablelm-base-alpha-3b", 8.58),
     "tiny-llama": ("TinyLlama-1.1B-intermediate-step-1431k-3T", 13.50),
 }
+# jaxlora's own recipes (families the config hub does not cover): no LitGPT figure to compare with
+OWN_RECIPES = {
+    "qwen3-0.6b": "Qwen3-0.6B", "qwen3-1.7b": "Qwen3-1.7B", "qwen3-4b": "Qwen3-4B", "qwen3-8b": "Qwen3-8B",
+    "gemma3-1b": "gemma-3-1b-pt", "olmo2-1b": "OLMo-2-0425-1B", "olmo2-7b": "OLMo-2-1124-7B",
+    "smollm3-3b": "SmolLM3-3B", "granite-3.3-2b": "granite-3.3-2b-base", "granite-3.3-8b": "granite-3.3-8b-base",
+    "stablelm-2-1.6b": "stablelm-2-1_6b",
+}
 SWEEP_MODELS = ("llama-3.2-1B", "phi-2", "llama-2-7b")
 SWEEP_RANKS = (0, 4, 8, 16, 32, 64, 128, 256)
 COMPARE_REMAT = ("dots_with_no_batch_dims_saveable", "block")
@@ -110,7 +117,7 @@ def recipe_setting(name: str, args: argparse.Namespace, rank: int | None, remat:
     gets the llama-2-7b recipe's settings (LoRA on query and value, r=32, micro-batch 2)."""
     path = ROOT / "configs" / "finetune" / name / "lora.py"
     cfg = load_config(path if path.is_file() else ROOT / "configs" / "finetune" / "llama-2-7b" / "lora.py")
-    model = RECIPES[name][0] if name in RECIPES else name
+    model = RECIPES[name][0] if name in RECIPES else OWN_RECIPES.get(name, name)
     jaxlora.ModelConfig.from_name(model)  # fails early, listing the known names
     targets = tuple(t for t in LORA_TARGETS if cfg[f"lora_{t}"])
     if args.targets == "all":

@@ -1,4 +1,4 @@
-"""Config layer: defaults, the 16 LitGPT hub recipes, overrides, validation messages, CLI flag handling."""
+"""Config layer: defaults, the 16 LitGPT hub recipes and jaxlora's own, overrides, validation messages, CLI flag handling."""
 
 import re
 import sys
@@ -32,16 +32,30 @@ RECIPES = {
     "gemma-7b": ("google/gemma-7b", 16, 0.1, True, 1, 6, 2, 200, 800, 25),
     "gemma2-9b": ("google/gemma-2-9b", 16, 0.1, True, 1, 6, 2, 200, 800, 25),
 }
+# jaxlora's recipes for families LitGPT's config hub does not cover (the settings of its nearest recipe)
+OWN_RECIPES = {
+    "qwen3-0.6b": ("Qwen/Qwen3-0.6B-Base", 32, 0.05, False, 2, 8, 2, 10, 200, 100),
+    "qwen3-1.7b": ("Qwen/Qwen3-1.7B-Base", 32, 0.05, False, 2, 8, 2, 10, 200, 100),
+    "qwen3-4b": ("Qwen/Qwen3-4B-Base", 32, 0.05, False, 1, 8, 2, 10, 200, 100),
+    "qwen3-8b": ("Qwen/Qwen3-8B-Base", 32, 0.05, False, 1, 8, 2, 10, 200, 100),
+    "gemma3-1b": ("google/gemma-3-1b-pt", 8, 0.1, True, 2, 6, 2, 200, 800, 25),
+    "olmo2-1b": ("allenai/OLMo-2-0425-1B", 32, 0.05, False, 1, 8, 2, 10, 200, 100),
+    "olmo2-7b": ("allenai/OLMo-2-1124-7B", 32, 0.05, False, 1, 8, 2, 10, 200, 100),
+    "smollm3-3b": ("HuggingFaceTB/SmolLM3-3B-Base", 32, 0.05, False, 1, 8, 2, 10, 200, 100),
+    "granite-3.3-2b": ("ibm-granite/granite-3.3-2b-base", 32, 0.05, False, 1, 8, 2, 10, 200, 100),
+    "granite-3.3-8b": ("ibm-granite/granite-3.3-8b-base", 32, 0.05, False, 1, 8, 2, 10, 200, 100),
+    "stablelm-2-1.6b": ("stabilityai/stablelm-2-1_6b", 32, 0.05, False, 1, 8, 4, 10, 200, 100),
+}
 
 
 def test_every_hub_folder_has_a_recipe():
     hub = [p.name for p in CONFIGS.iterdir() if (p / "lora.py").is_file() and p.name != "demo"]  # demo: test_demo
-    assert sorted(hub) == sorted(RECIPES)
+    assert sorted(hub) == sorted({**RECIPES, **OWN_RECIPES})
 
 
-@pytest.mark.parametrize("folder", sorted(RECIPES))
+@pytest.mark.parametrize("folder", sorted({**RECIPES, **OWN_RECIPES}))
 def test_recipe_matches_litgpt_and_validates(folder, tmp_path):
-    ckpt, r, dropout, all_targets, micro, global_, epochs, warmup, save, eval_ = RECIPES[folder]
+    ckpt, r, dropout, all_targets, micro, global_, epochs, warmup, save, eval_ = {**RECIPES, **OWN_RECIPES}[folder]
     cfg = load_config(CONFIGS / folder / "lora.py")
     assert cfg.checkpoint_dir == f"checkpoints/{ckpt}"
     assert (cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout) == (r, 16, dropout)

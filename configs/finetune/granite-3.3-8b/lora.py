@@ -1,0 +1,9 @@
+"""Granite 3.3 8B (base), LoRA on query and value, Alpaca2k: the llama-3.1-8b recipe's settings (LitGPT's
+config hub has no Granite recipe)."""
+
+from jaxlora.config import hub_recipe
+
+
+def get_config():
+    return hub_recipe("checkpoints/ibm-granite/granite-3.3-8b-base", "out/finetune/lora-granite-3.3-8b",
+                      micro_batch_size=1, epochs=2)
