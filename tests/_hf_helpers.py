@@ -25,6 +25,8 @@ FAMILIES = {
     "mixtral": ("MixtralConfig", dict(intermediate_size=24, num_key_value_heads=2, num_local_experts=4,
                                       num_experts_per_tok=2)),
     "qwen2": ("Qwen2Config", dict(intermediate_size=48, num_key_value_heads=2, tie_word_embeddings=True)),
+    "qwen2-window-layers": ("Qwen2Config", dict(intermediate_size=48, num_key_value_heads=2, use_sliding_window=True,
+                                                sliding_window=4, max_window_layers=1)),  # layer 1 slides, 0 not
     "phi": ("PhiConfig", dict(intermediate_size=48, partial_rotary_factor=0.5)),
     "phi3": ("Phi3Config", dict(intermediate_size=48, num_key_value_heads=2, pad_token_id=0)),
     "gemma": ("GemmaConfig", dict(intermediate_size=48, num_key_value_heads=1, head_dim=8)),

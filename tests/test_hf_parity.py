@@ -10,6 +10,9 @@ magnitude ~1, so 1e-4 leaves margin without hiding a mapping error (those give e
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -38,6 +41,51 @@ def test_logits_match_transformers(hf_checkpoints, name, caplog):
     ref = _hf_logits(hf_model, ids)
     assert ours.shape[-1] >= VOCAB
     np.testing.assert_allclose(ours[..., :VOCAB], ref, atol=ATOL, rtol=0)
+
+
+def _legacy(config: dict) -> dict:
+    """transformers 5's config.json in the key format of the Hub checkpoints written before it: rope_theta,
+    rope_scaling (and Gemma 3's rope_local_base_freq), partial_rotary_factor / GPT-NeoX's rotary_pct at the top."""
+    config = dict(config)
+    rope = config.pop("rope_parameters", None)
+    if rope is None:
+        return config
+    if set(rope) <= {"full_attention", "sliding_attention"}:  # Gemma 3: per layer type
+        config["rope_local_base_freq"] = rope["sliding_attention"]["rope_theta"]
+        rope = dict(rope["full_attention"])
+    rope = dict(rope)
+    config["rope_theta"] = rope.pop("rope_theta")
+    if "partial_rotary_factor" in rope:
+        key = "rotary_pct" if config["model_type"] == "gpt_neox" else "partial_rotary_factor"
+        config[key] = rope.pop("partial_rotary_factor")
+    if rope.get("rope_type", "default") != "default":
+        config["rope_scaling"] = rope
+    return config
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_legacy_config_json_gives_the_same_model(hf_checkpoints, name, tmp_path):
+    """Most Hub checkpoints carry the older config.json keys; they describe the same model."""
+    path, _ = hf_checkpoints[name]
+    config = json.loads((path / "config.json").read_text())
+    legacy = _legacy(config)
+    assert legacy != config or "rope_parameters" not in config
+    assert jaxlora.ModelConfig.from_hf_config(legacy) == jaxlora.ModelConfig.from_hf_config(config)
+
+
+@pytest.mark.parametrize("name", ["qwen2-window-layers", "smollm3", "gemma2", "mistral"])
+def test_layer_types_derived_as_transformers_does(hf_checkpoints, name, tmp_path):
+    """Without `layer_types` (older config.json), which layers slide follows the family's own rule
+    (Qwen2: from max_window_layers on; SmolLM3: the RoPE layers; Gemma 2: even layers); the logits match."""
+    path, hf_model = hf_checkpoints[name]
+    config = json.loads((path / "config.json").read_text())
+    config.pop("layer_types", None)
+    shutil.copytree(path, tmp_path / name)
+    (tmp_path / name / "config.json").write_text(json.dumps(config))
+    model = jaxlora.load_model(tmp_path / name)
+    ids = _tokens()
+    np.testing.assert_allclose(np.asarray(model(jnp.asarray(ids, jnp.int32)))[..., :VOCAB], _hf_logits(hf_model, ids),
+                               atol=ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("name", ["llama", "gemma2", "gpt_neox"])

@@ -95,6 +95,13 @@ def rope_base(hf: dict, default: float = 10000.0) -> float:
     return float(rope_parameters(hf).get("rope_theta") or hf.get("rope_theta") or default)
 
 
+def partial_rotary(hf: dict, default: float, legacy: str = "partial_rotary_factor") -> float:
+    """The rotated fraction of each head: the rope dict's (which wins in transformers), else the top-level
+    `legacy` key (GPT-NeoX: rotary_pct), else `default` (the family's config class default)."""
+    value = rope_parameters(hf).get("partial_rotary_factor")
+    return float(hf.get(legacy, default) if value is None else value)
+
+
 def rope_scaling(hf: dict, family: str) -> tuple | None:
     """The RoPE scaling of config.json as `ModelConfig.rope_scaling` (None: none); CheckpointError, naming the
     field, for a rope type or parameter that `models.rope` does not implement exactly."""
@@ -156,7 +163,7 @@ def llama_fields(hf: dict, family: str, *, eps_default: float = 1e-5) -> dict:
         intermediate_size=hf["intermediate_size"], block_size=hf.get("max_position_embeddings", 4096),
         norm_eps=hf.get("rms_norm_eps", eps_default), rope_base=rope_base(hf),
         rope_scaling=rope_scaling(hf, family),
-        rotary_percentage=float(hf.get("partial_rotary_factor", rope_parameters(hf).get("partial_rotary_factor", 1.0))),
+        rotary_percentage=partial_rotary(hf, 1.0),
     )
 
 
@@ -203,6 +210,19 @@ def attention_layout(hf: dict, n_layer: int, block_size: int, family: str, *, wi
     if all(t == "sliding" for t in types):
         return {"sliding_window_size": int(window)}
     return {"sliding_window_size": int(window), "attention_types": tuple(types)}
+
+
+def qwen_attention_layout(hf: dict, n_layer: int, block_size: int, family: str) -> dict:
+    """Qwen2 / Qwen3: with use_sliding_window, the layers from max_window_layers on slide (transformers)."""
+    window = hf.get("sliding_window") if hf.get("use_sliding_window", False) else None
+    first = hf.get("max_window_layers", 28)
+    return attention_layout(hf, n_layer, block_size, family, window=window,
+                            sliding=[i >= first for i in range(n_layer)])
+
+
+def qwen_attention_hf(c: ModelConfig) -> dict:
+    return dict(use_sliding_window=c.sliding_window_size is not None, sliding_window=c.sliding_window_size,
+                max_window_layers=0, layer_types=layer_types_hf(c))
 
 
 def layer_types_hf(c: ModelConfig) -> list[str]:

@@ -7,7 +7,6 @@ from jaxlora.models.families.base import Source, linear, norm
 
 
 def from_hf(hf: dict) -> dict:
-    rope = base.rope_parameters(hf)
     # attention_bias switches the attention biases only (the MLP always has them); jaxlora has one switch
     base.require(hf, "attention_bias", (True,), True, "gpt_neox")
     return dict(
@@ -15,7 +14,7 @@ def from_hf(hf: dict) -> dict:
         n_query_groups=hf["num_attention_heads"], intermediate_size=hf["intermediate_size"],
         block_size=hf.get("max_position_embeddings", 2048), norm_class="LayerNorm",
         norm_eps=hf.get("layer_norm_eps", 1e-5), parallel_residual=bool(hf.get("use_parallel_residual", True)),
-        rotary_percentage=float(hf.get("rotary_pct", rope.get("partial_rotary_factor", 0.25))),
+        rotary_percentage=base.partial_rotary(hf, 0.25, legacy="rotary_pct"),
         rope_base=float(hf.get("rotary_emb_base") or base.rope_base(hf)), rope_scaling=base.rope_scaling(hf, "gpt_neox"),
         bias=True, mlp_class="GptNeoxMLP",
         gelu_approximate=base.gelu_approximate(hf.get("hidden_act", "gelu"), "gpt_neox"),

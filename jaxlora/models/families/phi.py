@@ -14,8 +14,7 @@ def from_hf(hf: dict) -> dict:
         intermediate_size=hf["intermediate_size"], block_size=hf.get("max_position_embeddings", 2048),
         norm_class="LayerNorm", norm_eps=hf.get("layer_norm_eps", 1e-5), parallel_residual=True,
         shared_attention_norm=True,
-        rotary_percentage=float(hf.get("partial_rotary_factor",
-                                       base.rope_parameters(hf).get("partial_rotary_factor", 0.5))),
+        rotary_percentage=base.partial_rotary(hf, 0.5),
         rope_base=base.rope_base(hf), rope_scaling=base.rope_scaling(hf, "phi"), bias=True, mlp_class="GptNeoxMLP",
         gelu_approximate=base.gelu_approximate(hf.get("hidden_act", "gelu_new"), "phi"), lm_head_bias=True,
     )

@@ -7,17 +7,12 @@ from jaxlora.models.families import base
 
 def from_hf(hf: dict) -> dict:
     fields = base.llama_fields(hf, "qwen2", eps_default=1e-6)
-    window = base.sliding_window(hf, fields["block_size"]) if hf.get("use_sliding_window", False) else {}
-    if window and hf.get("max_window_layers", 0) not in (0, None):
-        raise base.CheckpointError("unsupported qwen2 config.json: use_sliding_window with max_window_layers="
-                                   f"{hf['max_window_layers']} (only every layer sliding, max_window_layers=0)")
-    return dict(fields, attn_bias=True, **window)
+    return dict(fields, attn_bias=True,
+                **base.qwen_attention_layout(hf, fields["n_layer"], fields["block_size"], "qwen2"))
 
 
 def to_hf(c) -> dict:
-    # max_window_layers=0: every layer slides, as jaxlora applies the window
-    return dict(base.llama_hf(c), use_sliding_window=c.sliding_window_size is not None,
-                sliding_window=c.sliding_window_size, max_window_layers=0)
+    return dict(base.llama_hf(c), **base.qwen_attention_hf(c))
 
 
 _rows = [dict(name=n, n_layer=l, n_embd=e, n_head=h, n_query_groups=g, intermediate_size=i, block_size=ctx,

@@ -9,17 +9,12 @@ def qwen3_fields(hf: dict, family: str) -> dict:
     """The fields Qwen3 and Qwen3-MoE share: attention (QK-norm, biases, sliding layers)."""
     fields = base.llama_fields(hf, family, eps_default=1e-6)
     bias = bool(hf.get("attention_bias", False))
-    n = fields["n_layer"]
-    window = hf.get("sliding_window") if hf.get("use_sliding_window", False) else None
-    # transformers: with use_sliding_window, layers from max_window_layers on slide
-    sliding = [i >= hf.get("max_window_layers", 28) for i in range(n)]
     return dict(fields, qk_norm="head", attn_bias=bias, attn_out_bias=bias,
-                **base.attention_layout(hf, n, fields["block_size"], family, window=window, sliding=sliding))
+                **base.qwen_attention_layout(hf, fields["n_layer"], fields["block_size"], family))
 
 
 def qwen3_hf(c) -> dict:
-    return dict(base.llama_hf(c), attention_bias=c.attn_bias, use_sliding_window=c.sliding_window_size is not None,
-                sliding_window=c.sliding_window_size, max_window_layers=0, layer_types=base.layer_types_hf(c))
+    return dict(base.llama_hf(c), attention_bias=c.attn_bias, **base.qwen_attention_hf(c))
 
 
 def from_hf(hf: dict) -> dict:

@@ -16,9 +16,9 @@ def from_hf(hf: dict) -> dict:
     bias = bool(hf.get("attention_bias", False))
     return dict(fields, nope_layers=tuple(i for i, r in enumerate(uses_rope) if not r), attn_bias=bias,
                 attn_out_bias=bias, bias=bool(hf.get("mlp_bias", False)),
-                # transformers: with use_sliding_window, the layers with RoPE slide
+                # transformers: with use_sliding_window, the layers without RoPE slide
                 **base.attention_layout(hf, n, fields["block_size"], "smollm3", window=window,
-                                        sliding=[bool(r) for r in uses_rope]))
+                                        sliding=[not r for r in uses_rope]))
 
 
 def to_hf(c) -> dict:

@@ -9,7 +9,6 @@ from jaxlora.models.families.base import Source
 
 def from_hf(hf: dict) -> dict:
     base.require(hf, "hidden_act", ("silu",), "silu", "stablelm")
-    rope = base.rope_parameters(hf)
     n_head = hf["num_attention_heads"]
     parallel = bool(hf.get("use_parallel_residual", False))
     return dict(
@@ -18,7 +17,7 @@ def from_hf(hf: dict) -> dict:
         intermediate_size=hf["intermediate_size"], block_size=hf.get("max_position_embeddings", 4096),
         norm_class="LayerNorm", norm_eps=hf.get("layer_norm_eps", 1e-5), rope_base=base.rope_base(hf),
         rope_scaling=base.rope_scaling(hf, "stablelm"),
-        rotary_percentage=float(hf.get("partial_rotary_factor", rope.get("partial_rotary_factor", 0.25))),
+        rotary_percentage=base.partial_rotary(hf, 0.25),
         attn_bias=bool(hf.get("use_qkv_bias", False)), qk_norm="per_head" if hf.get("qk_layernorm") else None,
         parallel_residual=parallel, shared_attention_norm=parallel,
     )
