@@ -427,6 +427,9 @@ def _check_data(data: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"data.val_split_fraction must be in (0, 1), got {data.val_split_fraction}")
     if data.length_bucket is not None:
         _positive_int("data.length_bucket", data.length_bucket)
+    if not isinstance(data.ignore_index, int) or data.ignore_index >= 0:
+        raise ConfigError(f"data.ignore_index must be a negative integer (labels >= 0 are token ids), got "
+                          f"{data.ignore_index}")
 
 
 def _check_checkpointing(ckpt: ml_collections.ConfigDict) -> None:

@@ -336,3 +336,9 @@ def test_cli_help_prints_usage_and_config(capsys):
     assert cli.main(["finetune", "--help", "--config.lora_r=4"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("usage: jaxlora <command>") and "lora_r: 4" in out
+
+
+@pytest.mark.parametrize("value", [0, 7])
+def test_non_negative_ignore_index(cfg, value):
+    cfg.data.ignore_index = value
+    _fails(cfg, f"data.ignore_index must be a negative integer (labels >= 0 are token ids), got {value}")

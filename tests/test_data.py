@@ -151,10 +151,10 @@ def test_load_sft_splits_from_config(tmp_path, tokenizer):
     cfg = ConfigDict({"name": "json", "json_path": str(tmp_path / "data.json"), "val_split_fraction": 0.25,
                       "mask_prompt": True, "prompt_style": None, "ignore_index": -100, "seed": 3,
                       "download_dir": str(tmp_path / "cache"), "url": None})
-    train, val = load_sft_splits(cfg, tokenizer, max_seq_length=64, model_name="Llama-2-7b-chat-hf")
+    train, val = load_sft_splits(cfg, tokenizer, max_seq_length=416, model_name="Llama-2-7b-chat-hf")
     assert (len(train), len(val)) == (9, 3)
     text = tokenizer.decode(train[0]["input_ids"])
-    assert text.startswith("[INST] <<SYS>>") and max(len(e["input_ids"]) for e in train + val) <= 64
+    assert text.startswith("[INST] <<SYS>>") and max(len(e["input_ids"]) for e in train + val) <= 416
     assert (train[0]["labels"][:5] == -100).all()
     cfg.prompt_style = "alpaca"
     train_alpaca, _ = load_sft_splits(cfg, tokenizer, max_seq_length=None)
@@ -162,6 +162,26 @@ def test_load_sft_splits_from_config(tmp_path, tokenizer):
     cfg.name = "squad"
     with pytest.raises(ConfigError, match="Unknown dataset 'squad'; the known datasets are: json, alpaca"):
         load_sft_splits(cfg, tokenizer, 64)
+
+
+def test_targets_cut_by_truncation_are_counted_and_none_left_is_refused(tokenizer, caplog):
+    """mask_prompt + a max_seq_length inside the prompts: the run would train on loss 0 without a word."""
+    style = PromptStyle.from_name("alpaca")
+    records = _records(4)
+    full = tokenize_records(records, tokenizer, style, mask_prompt=True)
+    prompt_lens = sorted(int(np.argmax(e["labels"] != -100)) for e in full)
+    ends = sorted(len(e["input_ids"]) for e in full)
+    limit = prompt_lens[1] + 1  # at most 2 examples keep a target position, the others lose every target
+    with caplog.at_level(logging.WARNING):
+        cut = tokenize_records(records, tokenizer, style, mask_prompt=True, max_seq_length=limit)
+    kept = sum(bool((e["labels"][1:] != -100).any()) for e in cut)
+    assert 0 < kept < 4 and limit < ends[0]
+    assert f"4 of 4 train examples are longer than max_seq_length={limit} and were truncated: {4 - kept} of " \
+           f"them lost all their target tokens (no loss from them), {kept} part of them." in caplog.text
+    with pytest.raises(DataError, match=r"no validation example keeps a token to compute the loss on: with "
+                                        r"mask_prompt=True every response starts after max_seq_length=\d+"):
+        tokenize_records(records, tokenizer, style, mask_prompt=True, max_seq_length=prompt_lens[0] - 1,
+                         split_name="validation")
 
 
 # --- named datasets and downloads ----------------------------------------------------------------

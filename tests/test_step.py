@@ -207,6 +207,21 @@ def test_multisteps_matches_scan_with_equal_token_counts():
     assert multi_step.micro_step._cache_size() == 1
 
 
+def test_any_negative_ignore_index_is_ignored_by_the_loss(split):
+    """data.ignore_index flows into the labels; the loss leaves out every negative label, so -1 and -100
+    give the same loss, tokens and gradients (before, -1 labels were trained on as token id -1)."""
+    graphdef, lora, base = split
+    batch = random_batch(np.random.default_rng(5), (1, 2, 16), prompt_len=4, pad_from=12)
+    other = {"input_ids": batch["input_ids"], "labels": np.where(batch["labels"] == IGNORE_INDEX, -1, batch["labels"])}
+    tx = optax.sgd(1.0)
+    step = make_train_step(graphdef, tx, accum_steps=1)
+    out = [step(init_train_state(lora, tx), base, b, jax.random.key(0)) for b in (batch, other)]
+    (s1, m1), (s2, m2) = out
+    assert int(m1["tokens"]) == int(m2["tokens"]) == 2 * 8  # per row: labels 4..11 are targets
+    np.testing.assert_array_equal(np.asarray(m1["loss"]), np.asarray(m2["loss"]))
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), s1.lora, s2.lora)
+
+
 def test_train_step_rejects_wrong_accumulation(split):
     graphdef, lora, base = split
     tx, _ = make_optimizer("sgd", lr=0.1, total_steps=10)

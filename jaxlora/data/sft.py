@@ -26,6 +26,7 @@ import numpy as np
 from jaxlora.data.prompts import PromptStyle, prompt_style_for_model
 from jaxlora.data.sources import Record, load_json_splits, load_named_splits
 from jaxlora.data.tokenizer import Tokenizer
+from jaxlora.errors import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -49,10 +50,18 @@ def tokenize_record(
     labels = input_ids.copy()
     if mask_prompt:
         labels[: len(prompt_ids)] = ignore_index
-    truncated = max_seq_length is not None and 0 < max_seq_length < len(input_ids)
-    if truncated:
-        input_ids, labels = input_ids[:max_seq_length], labels[:max_seq_length]
-    return {"input_ids": input_ids, "labels": labels}, truncated
+    return _truncate({"input_ids": input_ids, "labels": labels}, max_seq_length)
+
+
+def _truncate(example: Example, max_seq_length: int | None) -> tuple[Example, bool]:
+    if max_seq_length is None or not 0 < max_seq_length < len(example["input_ids"]):
+        return example, False
+    return {k: v[:max_seq_length] for k, v in example.items()}, True
+
+
+def target_count(labels: np.ndarray, ignore_index: int) -> int:
+    """Tokens the loss is computed on: labels[1:] that are not ignored (position 0 predicts nothing)."""
+    return int(np.sum(labels[1:] != ignore_index))
 
 
 def tokenize_records(
@@ -65,27 +74,34 @@ def tokenize_records(
     ignore_index: int = -100,
     split_name: str = "train",
 ) -> list[Example]:
-    """Examples of all ``records``; one warning for the split says how many were truncated."""
-    examples, n_truncated = [], 0
+    """Examples of all ``records``. One warning for the split says how many were truncated and how many of
+    those lost all or part of their target tokens; DataError when no example keeps a target token (with
+    ``mask_prompt`` and prompts longer than ``max_seq_length`` the run would train on nothing)."""
+    examples, n_truncated, n_all_cut, n_part_cut = [], 0, 0, 0
     for record in records:
-        example, truncated = tokenize_record(
-            record,
-            tokenizer,
-            prompt_style,
-            max_seq_length=max_seq_length,
-            mask_prompt=mask_prompt,
-            ignore_index=ignore_index,
-        )
+        full, _ = tokenize_record(record, tokenizer, prompt_style, mask_prompt=mask_prompt, ignore_index=ignore_index)
+        example, truncated = _truncate(full, max_seq_length)
         examples.append(example)
+        before, after = target_count(full["labels"], ignore_index), target_count(example["labels"], ignore_index)
         n_truncated += truncated
+        n_all_cut += before > 0 and after == 0
+        n_part_cut += 0 < after < before
     if n_truncated:
         logger.warning(
-            "%d of %d %s examples are longer than max_seq_length=%d and were truncated.",
+            "%d of %d %s examples are longer than max_seq_length=%d and were truncated: %d of them lost all their "
+            "target tokens (no loss from them), %d part of them.",
             n_truncated,
             len(examples),
             split_name,
             max_seq_length,
+            n_all_cut,
+            n_part_cut,
         )
+    if examples and not any(target_count(e["labels"], ignore_index) for e in examples):
+        cause = (f"with mask_prompt=True every response starts after max_seq_length={max_seq_length}; raise "
+                 "max_seq_length or set mask_prompt=False" if mask_prompt and n_all_cut else
+                 "every label is ignored")
+        raise DataError(f"no {split_name} example keeps a token to compute the loss on: {cause}")
     return examples
 
 

@@ -5,7 +5,8 @@ The model travels as `(graphdef, lora, base)` (see `models.lora.split_lora`) and
 argument of every call (never donated, never closed over, never differentiated).
 
 Loss: next-token cross-entropy in fp32, labels aligned with input_ids as in LitGPT (position i
-predicts labels[i + 1]), tokens labelled IGNORE_INDEX excluded, logits beyond the tokenizer's
+predicts labels[i + 1]), negative labels excluded (any `data.ignore_index`, which must be negative,
+and IGNORE_INDEX, which pads here), logits beyond the tokenizer's
 vocab_size (padding columns) excluded from the softmax. It is computed in chunks of the sequence,
 each chunk's gradients computed with its loss (`cross_entropy_sum`), so the [batch, seq, vocab]
 logits never exist at once: only one [batch, chunk, vocab] slice at a time.
@@ -27,7 +28,7 @@ from jax.sharding import Mesh
 from jaxlora.errors import ConfigError
 from jaxlora.training.sharding import activation_sharding
 
-IGNORE_INDEX = -100
+IGNORE_INDEX = -100  # the label of positions without a target that this module adds; any negative label is one
 DEFAULT_CHUNK_SIZE = 128  # sequence positions per loss chunk (LitGPT's lm_head_chunk_size)
 MODES = ("scan", "multisteps")
 
@@ -56,7 +57,7 @@ def cross_entropy_sum(logits_fn: Callable[[Any, jax.Array], jax.Array], head_par
 
     logits_fn(head_params, h [b, c, d]) -> fp32 [b, c, padded_vocab] (`GPT.logits_head`), holding no
     arrays of its own: everything the logits depend on is in `head_params`, which is differentiable.
-    hidden: [b, t, d] (any dtype); targets: int [b, t], IGNORE_INDEX where no loss.
+    hidden: [b, t, d] (any dtype); targets: int [b, t], negative where no loss.
     Returns (fp32 [], int32 []).
 
     Differentiated, each chunk's forward pass also computes its gradients (of the hidden states, and
@@ -75,7 +76,7 @@ def cross_entropy_sum(logits_fn: Callable[[Any, jax.Array], jax.Array], head_par
 
     def chunk_loss(logits, y):
         """-> (loss sum, count, log-sum-exp [b, c], valid [b, c], targets made safe to index with)."""
-        valid = y != IGNORE_INDEX
+        valid = y >= 0
         y = jnp.where(valid, y, 0)
         target_logit = jnp.take_along_axis(logits, y[..., None], axis=-1)[..., 0]
         lse = jax.nn.logsumexp(logits, axis=-1)
@@ -180,7 +181,7 @@ def token_mistakes(logits_fn: Callable[[Any, jax.Array], jax.Array], head_params
     def body(mistakes, xs):
         h, y = xs
         predicted = jnp.argmax(logits_fn(head_params, h)[..., :vocab_size], axis=-1)
-        return mistakes + jnp.sum((y != IGNORE_INDEX) & (predicted != y), axis=1, dtype=jnp.int32), None
+        return mistakes + jnp.sum((y >= 0) & (predicted != y), axis=1, dtype=jnp.int32), None
 
     mistakes, _ = jax.lax.scan(body, jnp.zeros(hidden.shape[0], jnp.int32), (hs, ys))
     return mistakes
@@ -200,7 +201,7 @@ def sequence_eval(model, input_ids: jax.Array, labels: jax.Array, *, chunk_size:
                                         chunk_size=chunk_size)
     mistakes = token_mistakes(logits_fn, head_params, hidden, targets, vocab_size=model.config.vocab_size,
                               chunk_size=chunk_size)
-    scored = jnp.any(targets != IGNORE_INDEX, axis=1)
+    scored = jnp.any(targets >= 0, axis=1)
     return loss_sum, count, jnp.sum(scored & (mistakes == 0), dtype=jnp.int32), jnp.sum(scored, dtype=jnp.int32)
 
 
