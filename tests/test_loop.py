@@ -118,6 +118,22 @@ def test_divergence_stops_without_saving_that_step(engine, tmp_path):
     assert [int(r["step"]) for r in _rows(tmp_path)] == [1, 2]
 
 
+def test_non_finite_validation_loss_stops_without_saving_that_step(engine, tmp_path):
+    calls, n_val = [], len(engine["val"])
+
+    def poisoned_eval(lora, base, batch):
+        loss_sum, count = engine["eval_step"](lora, base, batch)
+        calls.append(1)
+        return (loss_sum * np.inf if len(calls) > n_val else loss_sum), count  # the 2nd validation is inf
+
+    settings = FitSettings(max_steps=6, eval_interval=2, save_interval=2, final_validation=True, progress_bar=False)
+    mgr = CheckpointManager(tmp_path)
+    with pytest.raises(DivergenceError, match=r"^the validation loss at step 4 is inf, so that step was not saved"):
+        _fit(dict(engine, eval_step=poisoned_eval), _fresh_state(engine), tmp_path, settings, checkpoints=mgr,
+             val_batches=engine["val"])
+    assert mgr.all_steps() == [2]
+
+
 def test_max_time_stops_and_saves(engine, tmp_path):
     settings = FitSettings(max_steps=TOTAL_STEPS, max_time=0.0, save_interval=10, final_validation=True,
                            progress_bar=False)

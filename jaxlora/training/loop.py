@@ -109,6 +109,7 @@ def fit(state: TrainState, base, *, train_step, eval_step, train_batches: Iterat
     try:
         if s.initial_validation and val_batches is not None:
             val_loss, val_exact = validate(state.lora, None)
+            _check_finite_val(start_step, val_loss)
             initial = {"initial_val_loss": val_loss, "initial_val_exact_match": val_exact}
             _log_val(writer, start_step, val_loss, val_exact)
         nxt = _next_batch(train_batches, mesh, data_position) if step < s.max_steps else None
@@ -136,6 +137,7 @@ def fit(state: TrainState, base, *, train_step, eval_step, train_batches: Iterat
             elif s.eval_interval and step % s.eval_interval == 0 and val_batches is not None:
                 val, exact = validate(state.lora, s.eval_max_iters)
             if val is not None:
+                _check_finite_val(step, val)
                 val_loss, val_exact = val, exact
                 if sample is not None:
                     sample(state.lora, step)
@@ -203,6 +205,13 @@ def _check_finite(step: int, m: dict) -> None:
         raise DivergenceError(
             f"training diverged at step {step} (loss {loss}, gradient norm {grad_norm}), so that step was not "
             "saved; lower the learning rate, set max_norm, or use a wider precision")
+
+
+def _check_finite_val(step: int, val_loss: float | None) -> None:
+    if val_loss is not None and not math.isfinite(val_loss):
+        raise DivergenceError(
+            f"the validation loss at step {step} is {val_loss}, so that step was not saved; lower the learning "
+            "rate, set max_norm, or use a wider precision")
 
 
 def _all_agree(flag: bool) -> bool:
