@@ -303,6 +303,40 @@ def validate(
     _check_distributed(cfg.distributed)
 
 
+# Fields a resumed run may change: they touch neither the saved state nor the data stream nor the math of the
+# steps to come (a longer run lengthens the lr schedule; another mesh gives fp-close, not bitwise, steps).
+RESUME_SAFE = ("out_dir", "resume", "train.save_interval", "train.log_interval", "train.max_time", "train.epochs",
+               "train.max_steps", "train.remat", "eval.", "logger.", "checkpoint.", "mesh.", "distributed.",
+               "data.download_dir")
+_PATHS = ("checkpoint_dir", "data.json_path")  # compared as the files they name
+
+
+def resume_changes(saved: dict, current: dict) -> tuple[list[str], list[str]]:
+    """The fields where `current` (a run config as JSON) differs from `saved` (the config stored with the
+    checkpoint being resumed), as "key old -> new": (those that make the resume unusable or inexact, safe ones)."""
+    old, new = _flat(saved), _flat(current)
+    unsafe, safe = [], []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if key in _PATHS and isinstance(a, str) and isinstance(b, str):
+            a, b = (str(Path(x).resolve()) for x in (a, b))
+        if a == b:
+            continue
+        change = f"{key} {old.get(key)!r} -> {new.get(key)!r}"
+        (safe if any(key == f or (f.endswith(".") and key.startswith(f)) for f in RESUME_SAFE) else unsafe).append(change)
+    return unsafe, safe
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = tuple(value) if isinstance(value, list) else value
+    return out
+
+
 def accumulation_steps(cfg: ml_collections.ConfigDict, data_parallel_size: int = 1) -> int:
     """Micro-batches per optimizer step: global_batch_size / (data_parallel_size * micro_batch_size)."""
     gbs, mbs = cfg.train.global_batch_size, cfg.train.micro_batch_size

@@ -3,6 +3,8 @@ exact resume, divergence handling, the time limit."""
 
 from __future__ import annotations
 
+import re
+
 import csv
 import json
 
@@ -160,7 +162,7 @@ def test_finetune_pieces(tmp_path):
                                   np.ones((2, 3)))
 
 
-def test_finetune_job_end_to_end_and_resume(tmp_path, monkeypatch):
+def test_finetune_job_end_to_end_and_resume(tmp_path, monkeypatch, caplog):
     """`finetune(cfg)` on a tiny Llama-shaped checkpoint dir (random weights: `load_model` is faked),
     a sentencepiece tokenizer and a JSON dataset; then resumed to a later step."""
     import jaxlora
@@ -199,13 +201,23 @@ def test_finetune_job_end_to_end_and_resume(tmp_path, monkeypatch):
     saved = load_file(tmp_path / "out" / "final" / "lora.safetensors")
     assert "blocks.attn.q.lora_a" in saved and saved["blocks.attn.q.lora_a"].dtype == np.float32
 
-    cfg.train.max_steps, cfg.resume = 3, True
-    resumed = finetune(cfg)
+    cfg.train.max_steps, cfg.resume, cfg.eval.max_iters = 3, True, 1  # safe changes: logged
+    with caplog.at_level("INFO", logger="jaxlora.training.loop"):
+        resumed = finetune(cfg)
+    assert "resuming with a changed setting: eval.max_iters 2 -> 1" in caplog.text
     assert resumed.step == 3 and resumed.summary["steps"] == 1
     assert sorted(p.name for p in (tmp_path / "out" / "checkpoints").iterdir()) == ["2", "3"]
     assert [int(r["step"]) for r in _rows(tmp_path / "out")] == [1, 2, 3]
 
-    cfg.resume = False  # a fresh run into that out_dir would leave the old steps looking like its own
     monkeypatch.setattr(jaxlora, "load_model", lambda *a, **k: pytest.fail("loaded the model before refusing"))
+    for key, value, shown in (("lora_r", 4, "lora_r 8 -> 4"), ("optimizer.lr", 1e-3, "optimizer.lr 0.0002 -> 0.001"),
+                              ("data.mask_prompt", True, "data.mask_prompt False -> True")):
+        changed = cfg.copy_and_resolve_references()
+        changed.update_from_flattened_dict({key: value})
+        with pytest.raises(ConfigError, match=re.escape(f"the config differs from the one saved with the checkpoint "
+                                                        f"in {shown}; resume with the saved values")):
+            finetune(changed)
+
+    cfg.resume = False  # a fresh run into that out_dir would leave the old steps looking like its own
     with pytest.raises(ConfigError, match=r"already holds steps \[2, 3\].*resume=auto"):
         finetune(cfg)

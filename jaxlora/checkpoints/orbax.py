@@ -129,6 +129,17 @@ class CheckpointManager:
             raise CheckpointError(f"no usable checkpoint in {self.directory}; the last failure was {failure}")
         return None
 
+    def saved_config(self, step: int | None = None) -> dict | None:
+        """The run config saved with `step` (None: the newest complete step); None when there is none."""
+        steps = [step] if step is not None else [s for s in reversed(self.all_steps()) if self._complete(s)]
+        for candidate in steps:
+            try:
+                config = self._mgr.restore(candidate, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+            except Exception:  # noqa: BLE001 - unreadable: `restore` reports it (or falls back)
+                continue
+            return config or None
+        return None
+
     def wait_until_finished(self) -> None:
         self._mgr.wait_until_finished()
 

@@ -343,6 +343,10 @@ def finetune(cfg) -> FitResult:
         raise ConfigError(f"{Path(cfg.out_dir) / CHECKPOINTS_DIR} already holds steps {old_steps} of an earlier run; "
                           "continue it with --config.resume=auto, or choose another out_dir (or remove it)")
 
+    run_config = json.loads(cfg.to_json_best_effort())
+    if resume is not None:
+        _check_resume_config(*resume, run_config)
+
     lora_config = LoRAConfig(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, query=cfg.lora_query,
                              key=cfg.lora_key, value=cfg.lora_value, projection=cfg.lora_projection,
                              mlp=cfg.lora_mlp, head=cfg.lora_head, use_rslora=cfg.use_rslora)
@@ -414,7 +418,7 @@ def finetune(cfg) -> FitResult:
             eval_step=make_eval_step(graphdef, mesh=mesh, exact_match=cfg.eval.exact_match),
             train_batches=step_batches(batches, accum), key=key, mesh=mesh,
             settings=settings, out_dir=cfg.out_dir, val_batches=val_batches, schedule=schedule,
-            checkpoints=checkpoints, data_position=batches.position, run_config=json.loads(cfg.to_json_best_effort()),
+            checkpoints=checkpoints, data_position=batches.position, run_config=run_config,
             flops_per_token=run_metrics.model_flops_per_token(model_config, n_lora, seq_len),
             peak_flops=run_metrics.device_peak_flops(dtype=policy.compute_dtype),
             sample=None if sampler is None else sampler.at_validation)
@@ -435,6 +439,27 @@ def finetune(cfg) -> FitResult:
         except CheckpointError as e:
             log.warning("no PEFT adapter written: %s", e)
     return result
+
+
+def _check_resume_config(source_dir: Path, step: int | None, run_config: dict) -> None:
+    """Before anything is loaded: refuse to resume with settings that make the saved state unusable or
+    the resume inexact (one sentence naming them); log the safe changes."""
+    from jaxlora.config import resume_changes
+
+    manager = CheckpointManager(source_dir, read_only=True)
+    try:
+        saved = manager.saved_config(step)
+    finally:
+        manager.close()
+    if saved is None:
+        return
+    unsafe, safe = resume_changes(saved, run_config)
+    if unsafe:
+        raise ConfigError(f"cannot resume from {manager.directory}: the config differs from the one saved with the "
+                          f"checkpoint in {'; '.join(unsafe)}; resume with the saved values, or start a new run in "
+                          "another out_dir")
+    for change in safe:
+        log.info("resuming with a changed setting: %s", change)
 
 
 def mesh_from_config(mesh_cfg):
