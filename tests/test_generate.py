@@ -82,9 +82,11 @@ def _greedy_reference(model, prompt, generated, per_prefix=False):
     """argmax of the full forward's logits at every position that produced a generated token (per_prefix:
     of the full forward over the tokens up to that position, for sequence-length-dependent RoPE)."""
     seq = np.concatenate([prompt, generated])[None]
-    if per_prefix:
-        return np.array([np.asarray(model(jnp.asarray(seq[:, :n])))[0, -1, :VOCAB].argmax()
-                         for n in range(len(prompt), seq.shape[1])])
+    if per_prefix:  # each prefix right-padded to one shape (padding moves no position: the same frequencies)
+        forward = nnx.jit(lambda m, ids, mask: m(ids, attention_mask=mask))
+        ends = range(len(prompt), seq.shape[1])
+        return np.array([np.asarray(forward(model, jnp.asarray(seq), jnp.asarray(np.arange(seq.shape[1]) < n)[None]))
+                         [0, n - 1, :VOCAB].argmax() for n in ends])
     logits = np.asarray(model(jnp.asarray(seq)))[0, :, :VOCAB]
     return logits[len(prompt) - 1:-1].argmax(-1)
 
