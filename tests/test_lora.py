@@ -180,12 +180,17 @@ def test_bad_lora_settings_are_one_sentence(kwargs, match):
         jaxlora.LoRAConfig(**kwargs)
 
 
-def test_tied_head_adapter_cannot_merge():
+def test_tied_head_adapter_merges_into_an_untied_head():
     c = jaxlora.ModelConfig.from_name("Qwen2.5-0.5B").replace(n_layer=1, n_embd=28, head_size=2, intermediate_size=8,
                                                                vocab_size=32, padded_vocab_size=32)
-    model = jaxlora.GPT(c, jaxlora.LoRAConfig(r=2, head=True), rngs=nnx.Rngs(0))
-    with pytest.raises(ConfigError, match="tied embedding"):
-        jaxlora.merge_lora(model)
+    model = jaxlora.GPT(c, jaxlora.LoRAConfig(r=2, head=True, query=True), rngs=nnx.Rngs(0))
+    model.lm_head.lora_b[...] = 0.3 * jnp.ones_like(model.lm_head.lora_b[...])
+    ids = jnp.asarray(np.arange(12).reshape(2, 6) % 32, jnp.int32)
+    merged = jaxlora.merge_lora(model)
+    assert model.config.tie_embeddings and model.lm_head.kernel is None  # the original is untouched
+    assert not merged.config.tie_embeddings and merged.lm_head.kernel is not None
+    np.testing.assert_allclose(np.asarray(merged(ids)), np.asarray(model(ids)), atol=1e-5, rtol=0)
+    np.testing.assert_array_equal(np.asarray(merged.wte[...]), np.asarray(model.wte[...]))
 
 
 @pytest.mark.parametrize("transposed", [False, True])

@@ -7,7 +7,6 @@ jaxlora -> PEFT -> jaxlora gives back the same arrays exactly.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import numpy as np
@@ -132,14 +131,27 @@ def test_merge_cli_from_run_dir(bases, adapted, tmp_path):
 
 @pytest.mark.parametrize("name", ["qwen3", "gemma3", "olmo2", "smollm3", "granite", "stablelm", "qwen3_moe"])
 def test_merged_checkpoint_matches_the_adapted_model(bases, adapted, name, tmp_path):
-    """merge_lora + save_hf_checkpoint of every second-wave family: transformers gives the adapted logits.
-    (Adapters on a tied head are left out: they cannot be merged into one tensor shared with the embedding.)"""
+    """merge_lora + save_hf_checkpoint of every second-wave family: transformers gives the adapted logits
+    (Qwen3's adapter on its tied head unties it: the checkpoint gets its own lm_head.weight)."""
     model, ours = adapted[name]
-    if model.config.tie_embeddings and model.lora.head:
-        model = randomize_lora(jaxlora.load_model(bases[name], lora=dataclasses.replace(model.lora, head=False)))
-        ours = our_logits(model)
     out = jaxlora.save_hf_checkpoint(jaxlora.merge_lora(model), tmp_path / "merged")
+    config = json.loads((out / "config.json").read_text())
+    assert config["tie_word_embeddings"] == (model.config.tie_embeddings and not model.lora.head)
     np.testing.assert_allclose(hf_logits(_hf(out), tokens()), ours, atol=ATOL, rtol=0)
+
+
+def test_merge_cli_unties_a_tied_head_adapter(bases, adapted, tmp_path):
+    """`jaxlora merge` of an adapter on a tied head (the Gemma recipes train lora_head): the written config.json
+    is the base's with tie_word_embeddings false, and transformers gives the adapted logits."""
+    model, ours = adapted["qwen2"]
+    assert model.config.tie_embeddings and model.lora.head
+    save_peft_adapter(model, tmp_path / "peft")
+    assert main(["merge", "--checkpoint_dir", str(bases["qwen2"]), "--adapter", str(tmp_path / "peft"),
+                 "--out", str(tmp_path / "merged")]) == 0
+    base_config = json.loads((bases["qwen2"] / "config.json").read_text())
+    merged_config = json.loads((tmp_path / "merged" / "config.json").read_text())
+    assert merged_config == {**base_config, "tie_word_embeddings": False}
+    np.testing.assert_allclose(hf_logits(_hf(tmp_path / "merged"), tokens()), ours, atol=ATOL, rtol=0)
 
 
 def test_export_peft_cli(bases, adapted, tmp_path):

@@ -58,6 +58,8 @@ def save_hf_checkpoint(model: GPT, out_dir: str | os.PathLike, *, dtype=None,
     if hf_config is None:
         hf = hf_config_dict(config, dtype.name)
     else:
+        if hf_config.get("tie_word_embeddings") and not config.tie_embeddings:  # untied by `merge_lora`
+            hf_config = {**hf_config, "tie_word_embeddings": False}
         check_hf_config(config, hf_config)
         keys = [k for k in ("torch_dtype", "dtype") if k in hf_config] or ["torch_dtype"]
         hf = {**hf_config, **{k: dtype.name for k in keys}}

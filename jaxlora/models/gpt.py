@@ -420,6 +420,14 @@ class GPT(nnx.Module):
         """hidden [..., n_embd] -> fp32 logits [..., padded_vocab_size] (final soft-capping applied)."""
         return _head_logits(self.lm_head, self.wte[...], self.config, hidden)
 
+    def untie_head(self) -> None:
+        """Give a tied head its own kernel, a copy of the embedding [n_embd, padded_vocab] (the model's outputs
+        are unchanged; `config.tie_embeddings` becomes False, so an HF export writes lm_head.weight)."""
+        if self.lm_head.kernel is not None:
+            return
+        self.lm_head.kernel = nnx.data(nnx.Param(self.wte[...].T, **logical_axes(("embed", "vocab"))))
+        self.config = self.config.replace(tie_embeddings=False)
+
     def logits_head(self):
         """-> (apply, params): `apply(params, hidden)` computes `self.logits(hidden)` as a pure function
         of `params` (the head's variables and, for tied embeddings, the embedding), for losses that

@@ -206,15 +206,19 @@ def split_lora(model: nnx.Module):
 def merge_lora(model: nnx.Module) -> nnx.Module:
     """A copy of `model` with every adapter folded into its kernel (W + A B * scale) and removed.
 
-    The copy holds no LoRA params and gives the same outputs as `model` in eval mode.
+    The copy holds no LoRA params and gives the same outputs as `model` in eval mode. An adapter on a
+    tied head unties it: the copy's head has its own kernel (config.tie_embeddings False).
     """
     merged = nnx.clone(model)
     for path, layer in lora_layers(merged):
         if not layer.rank:
             continue
-        if layer.kernel is None:
-            raise ConfigError(f"cannot merge the LoRA adapter of {'/'.join(map(str, path))} into a tied "
-                              "embedding; export the adapter instead or train without lora_head")
+        if layer.kernel is None:  # a head adapter on tied embeddings: the head gets its own (merged) kernel,
+            # as PEFT does when it merges such an adapter; the embedding stays as it was
+            if not hasattr(merged, "untie_head"):
+                raise ConfigError(f"cannot merge the LoRA adapter of {'/'.join(map(str, path))}: its kernel is "
+                                  "another layer's")
+            merged.untie_head()
         layer.kernel[...] = layer.merged_kernel()
         layer.rank, layer.scale, layer.lora_a, layer.lora_b = 0, 0.0, None, None
     if hasattr(merged, "lora"):
