@@ -61,7 +61,7 @@ def test_exact_match_needs_masked_prompts():
         validate(cfg)
 
 
-def test_two_step_demo_run_writes_its_outputs(tmp_path):
+def test_two_step_demo_run_writes_its_outputs(tmp_path, capsys):
     data = tmp_path / "data"  # a slice of the demo data keeps the run short
     data.mkdir()
     for split, n in (("train", 32), ("val", 8)):
@@ -81,6 +81,25 @@ def test_two_step_demo_run_writes_its_outputs(tmp_path):
     assert samples[0]["expected"] == _records("val")[0]["output"]
     assert (out / "final" / "lora.safetensors").is_file()
     assert "val_exact_match" in (out / "metrics.csv").read_text().splitlines()[0]
+
+    # The README's evaluate command follows the run (prompt style, masking, length, the data split): its val
+    # loss is the run's final one (up to the order of fp32 sums over other batch shapes: 1e-4 relative)
+    capsys.readouterr()
+    assert cli.main(["evaluate", "--checkpoint_dir", str(DEMO / "base"), "--adapter", str(out),
+                     f"--data.json_path={data}"]) == 0
+    printed = capsys.readouterr()
+    assert "data.prompt_style='alpaca'" in printed.err and "data.mask_prompt=True" in printed.err
+    loss = float(re.search(r"val loss ([0-9.]+)", printed.out)[1])
+    assert loss == pytest.approx(summary["val_loss"], rel=1e-4)
+    # a flag still overrides what the run used
+    assert cli.main(["evaluate", "--checkpoint_dir", str(DEMO / "base"), "--adapter", str(out),
+                     f"--data.json_path={data}", "--data.mask_prompt=False"]) == 0
+    assert abs(float(re.search(r"val loss ([0-9.]+)", capsys.readouterr().out)[1]) - loss) > 1.0
+    # generate (and chat, through the same defaults) prompt in the run's style and precision
+    assert cli.main(["generate", "--checkpoint_dir", str(DEMO / "base"), "--adapter", str(out), "--prompt", "hi",
+                     "--max_new_tokens", "2", "--temperature", "0"]) == 0
+    err = capsys.readouterr().err
+    assert "precision='32-true'" in err and "data.prompt_style='alpaca'" in err
 
 
 class _Oracle:

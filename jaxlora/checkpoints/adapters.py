@@ -62,6 +62,27 @@ def resolve_adapter(adapter: str | os.PathLike) -> tuple[str, Path]:
                           f"{CONFIG_FILE}")
 
 
+def run_config(adapter: str | os.PathLike) -> dict | None:
+    """The resolved finetune config of the run that trained `adapter` (a run's out_dir or its lora.safetensors),
+    from the file's metadata or else the run's newest checkpoint; None for other adapters (e.g. PEFT's)."""
+    kind, path = resolve_adapter(adapter)
+    if kind != "jaxlora":
+        return None
+    metadata, _ = read_safetensors(path)
+    if "config" in metadata:
+        return json.loads(metadata["config"])
+    run_dir = path.parent.parent if path.parent.name == "final" else None
+    if run_dir is None or not (run_dir / "checkpoints").is_dir():
+        return None
+    from jaxlora.checkpoints.orbax import CheckpointManager
+
+    manager = CheckpointManager(run_dir, read_only=True)
+    try:
+        return manager.saved_config()
+    finally:
+        manager.close()
+
+
 def read_lora_safetensors(path: str | os.PathLike) -> tuple[LoRAConfig, dict]:
     """A jaxlora `lora.safetensors` -> (its LoRAConfig from the metadata, nested LoRA params as numpy)."""
     metadata, flat = read_safetensors(path)

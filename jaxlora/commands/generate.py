@@ -3,6 +3,9 @@ trained LoRA adapter, answering prompts or scored on a dataset split.
 
 Sampling defaults are LitGPT's (max_new_tokens 50, temperature 0.8, top_k 50, top_p 1);
 `--temperature 0` is greedy. The prompt style defaults to the one the checkpoint's name implies.
+When `--adapter` comes from a finetune run (its out_dir or lora.safetensors), the run's precision and
+data settings (prompt style, mask_prompt, max_seq_length, ignore_index, the data set and its split)
+are the defaults instead, named on stderr; flags override them.
 Heavy imports (jax, the model) happen inside the commands, so `jaxlora --help` stays fast.
 """
 
@@ -35,12 +38,37 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=1234)
 
 
+def _run_defaults(args, fields: Sequence[str]) -> dict:
+    """{field: value} of the finetune run behind --adapter for the dotted config `fields` (e.g. "data.prompt_style")
+    that the command line left unset; printed to stderr. {} when the adapter is not a jaxlora run's."""
+    if not args.adapter:
+        return {}
+    from jaxlora.checkpoints.adapters import run_config
+
+    run = run_config(args.adapter)
+    if run is None:
+        return {}
+    taken = {}
+    for field in fields:
+        node = run
+        for part in field.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if node is not None:
+            taken[field] = node
+    if taken:
+        shown = ", ".join(f"{k}={v!r}" for k, v in taken.items())
+        print(f"settings of the run that trained {args.adapter} (flags override them): {shown}", file=sys.stderr)
+    return taken
+
+
 def _load(args):
-    """(model, tokenizer) of --checkpoint_dir [--adapter] in the --precision policy."""
+    """(model, tokenizer) of --checkpoint_dir [--adapter] in the --precision policy (default: the run's)."""
     from jaxlora.checkpoints.hf import load_model
     from jaxlora.data import Tokenizer
     from jaxlora.training.precision import resolve_precision
 
+    if args.precision is None:
+        args.precision = _run_defaults(args, ["precision"]).get("precision")
     policy, _ = resolve_precision(args.precision)
     kwargs = dict(dtype=policy.param_dtype, compute_dtype=policy.compute_dtype)
     if args.adapter:
@@ -58,6 +86,8 @@ def _decoding(args, model, tokenizer):
     from jaxlora.data.sft import resolve_prompt_style
     from jaxlora.generate import Sampling
 
+    if args.prompt_style is None:
+        args.prompt_style = _run_defaults(args, ["data.prompt_style"]).get("data.prompt_style")
     style = resolve_prompt_style(args.prompt_style, model.config.name)
     sampling = Sampling(temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p)
     return style, dict(max_new_tokens=args.max_new_tokens, sampling=sampling,
@@ -133,13 +163,18 @@ def evaluate(argv: Sequence[str]) -> None:
     p.add_argument("--max_seq_length", type=int, default=None, help="truncate examples (default: the model's context)")
     p.add_argument("--max_iters", type=int, default=None, help="evaluate only the first batches (default: all)")
     args, rest = p.parse_known_args(list(argv))
-    data_cfg = _data_config(rest)
+    given = {flag.removeprefix("--").split("=", 1)[0] for flag in rest if flag.startswith("--data.")}
+    fields = [f"data.{k}" for k in _RUN_DATA_FIELDS if f"data.{k}" not in given]
+    fields += ["train.max_seq_length"] * (args.max_seq_length is None) + ["precision"] * (args.precision is None)
+    run = _run_defaults(args, fields)
+    args.precision = args.precision or run.get("precision")
+    data_cfg = _data_config(rest, {k.removeprefix("data."): v for k, v in run.items() if k.startswith("data.")})
     from jaxlora.data import effective_seq_length, eval_batches, load_sft_splits
     from jaxlora.models.lora import split_lora
     from jaxlora.training.step import make_eval_step
 
     model, tokenizer = _load(args)
-    max_seq_length = args.max_seq_length or model.config.block_size
+    max_seq_length = args.max_seq_length or run.get("train.max_seq_length") or model.config.block_size
     train, val = load_sft_splits(data_cfg, tokenizer, max_seq_length, model_name=model.config.name)
     examples = val if args.split == "val" else train
     if not examples:
@@ -162,12 +197,19 @@ def evaluate(argv: Sequence[str]) -> None:
           f"({tokens} tokens, {min(rows, len(examples))} examples)")
 
 
-def _data_config(flags: Sequence[str]):
-    """The finetune config's `data` section with --data.KEY=VALUE flags applied (data.name: json)."""
+# the data fields of a finetune run that evaluate takes as its defaults
+_RUN_DATA_FIELDS = ("name", "json_path", "val_split_fraction", "mask_prompt", "prompt_style", "ignore_index", "seed",
+                    "download_dir", "url", "length_bucket")
+
+
+def _data_config(flags: Sequence[str], defaults: dict | None = None):
+    """The finetune config's `data` section with `defaults` (a run's) and then --data.KEY=VALUE flags applied
+    (data.name: json unless a default says otherwise)."""
     from jaxlora.config import apply_overrides, base_config
 
     cfg = base_config()
     cfg.data.name = "json"
+    cfg.data.update(defaults or {})
     overrides, args = [], iter(flags)
     for flag in args:
         if not flag.startswith("--data."):

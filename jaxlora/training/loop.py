@@ -429,7 +429,8 @@ def finetune(cfg) -> FitResult:
         sampler.write(cfg.out_dir)
     final_lora = host_copy(result.state.lora)  # a collective: every process takes part
     save_lora_safetensors(final_lora, Path(cfg.out_dir) / "final" / "lora.safetensors",
-                          metadata={"step": str(result.step), "lora": json.dumps(dataclasses.asdict(lora_config))})
+                          metadata={"step": str(result.step), "lora": json.dumps(dataclasses.asdict(lora_config)),
+                                    "config": json.dumps(run_config)})
     if jax.process_index() == 0:  # the same adapter in PEFT's format, where PEFT can express it
         from jaxlora.checkpoints.peft import write_peft_adapter
         from jaxlora.errors import CheckpointError
