@@ -44,22 +44,20 @@ def _read_raw(path: Path) -> list[RawRecord]:
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         records = []
-        with open(path, encoding="utf-8") as file:
-            for line_number, line in enumerate(file, start=1):
-                if line.strip():
-                    try:
-                        records.append((f"line {line_number} of {path}", json.loads(line)))
-                    except json.JSONDecodeError as error:
-                        raise DataError(f"Line {line_number} of {path} is not valid JSON ({error.msg}).") from None
+        for line_number, line in enumerate(_utf8(path).splitlines(), start=1):
+            if line.strip():
+                try:
+                    records.append((f"line {line_number} of {path}", json.loads(line)))
+                except json.JSONDecodeError as error:
+                    raise DataError(f"Line {line_number} of {path} is not valid JSON ({error.msg}).") from None
         return records
     if suffix == ".json":
-        with open(path, encoding="utf-8") as file:
-            try:
-                data = json.load(file)
-            except json.JSONDecodeError as error:
-                raise DataError(
-                    f"{path} is not valid JSON ({error.msg} at line {error.lineno}, column {error.colno})."
-                ) from None
+        try:
+            data = json.loads(_utf8(path))
+        except json.JSONDecodeError as error:
+            raise DataError(
+                f"{path} is not valid JSON ({error.msg} at line {error.lineno}, column {error.colno})."
+            ) from None
         if not isinstance(data, list):
             raise DataError(f"{path} must hold a JSON list of records, not a {type(data).__name__}.")
         return [(f"record {i} of {path}", item) for i, item in enumerate(data, start=1)]
@@ -71,6 +69,16 @@ def _read_raw(path: Path) -> list[RawRecord]:
         rows = pyarrow.parquet.read_table(path).to_pylist()
         return [(f"row {i} of {path}", row) for i, row in enumerate(rows, start=1)]
     raise DataError(f"The data file {path} must end in .json, .jsonl or .parquet.")
+
+
+def _utf8(path: Path) -> str:
+    """The file's text; DataError naming the byte offset when it is not UTF-8."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path} is not UTF-8 text: byte 0x{data[error.start]:02x} at offset {error.start} "
+                        f"({error.reason}); save the file as UTF-8.") from None
 
 
 def _text(raw: Any, where: str, field: str, *, required: bool = True) -> str:

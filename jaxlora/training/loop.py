@@ -337,6 +337,7 @@ def finetune(cfg) -> FitResult:
     validate(cfg, dp, backend_supports_bf16=backend_supports_bf16() or jax.default_backend() == "cpu",
              model_block_size=model_config.block_size)
     accum = accumulation_steps(cfg, dp)
+    _check_out_dir(cfg.out_dir)
     resume = resolve_resume(cfg.resume, cfg.out_dir)
     old_steps = saved_steps(cfg.out_dir)
     if resume is None and old_steps:  # checked before any loading: a fresh run would mix its steps with these
@@ -440,6 +441,19 @@ def finetune(cfg) -> FitResult:
         except CheckpointError as e:
             log.warning("no PEFT adapter written: %s", e)
     return result
+
+
+def _check_out_dir(out_dir: str) -> None:
+    """Before anything is loaded or written: ConfigError unless out_dir is a directory or can be created."""
+    path = Path(out_dir).absolute()
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"out_dir {out_dir} is a file, not a directory; choose another out_dir")
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"out_dir {out_dir} cannot be created: {existing} is a file; choose another out_dir")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"out_dir {out_dir} cannot be {'written' if existing == path else 'created'}: no write "
+                          f"permission on {existing}; choose another out_dir")
 
 
 def _check_resume_config(source_dir: Path, step: int | None, run_config: dict) -> None:
