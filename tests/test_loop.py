@@ -145,6 +145,70 @@ def test_max_time_stops_and_saves(engine, tmp_path):
     assert mgr.restore(_fresh_state(engine)).val_loss == pytest.approx(result.val_loss)
 
 
+def test_sigterm_saves_at_the_step_boundary_and_resumes_exactly(engine, tmp_path, caplog):
+    """SIGTERM during step 4 (of 6, save_interval 5): step 4 finishes, is saved, the run stops; resuming from it
+    ends bitwise equal to an uninterrupted run."""
+    import signal
+
+    settings = FitSettings(max_steps=6, save_interval=5, final_validation=False, progress_bar=False)
+    full = _fit(engine, _fresh_state(engine), tmp_path / "full", settings)
+    calls = []
+
+    def step_then_signal(state, base, batch, key):
+        calls.append(1)
+        out = engine["train_step"](state, base, batch, key)
+        if len(calls) == 4:
+            signal.raise_signal(signal.SIGTERM)  # arrives while the step's results are still on their way
+        return out
+
+    mgr = CheckpointManager(tmp_path / "split")
+    with caplog.at_level("WARNING"):
+        stopped = _fit(dict(engine, train_step=step_then_signal), _fresh_state(engine), tmp_path / "split", settings,
+                       checkpoints=mgr)
+    assert stopped.preempted and stopped.step == 4 and mgr.all_steps() == [4]
+    assert "SIGTERM received: saving at the end of this optimizer step" in caplog.text
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler lives only as long as fit
+    restored = mgr.restore(_fresh_state(engine))
+    position = restored.data_position
+    batches = FixedBatches(engine["batches"], index=position["epoch"] * 3 + position["index"])
+    resumed = _fit(dict(engine, key=restored.rng), restored.state, tmp_path / "split", settings, batches=batches,
+                   checkpoints=mgr)
+    assert resumed.step == 6 and not resumed.preempted
+    for a, b in zip(jax.tree.leaves(jax.device_get(full.state)), jax.tree.leaves(jax.device_get(resumed.state))):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_second_sigterm_exits_at_once_without_saving(engine, tmp_path, monkeypatch):
+    """A second SIGTERM while the first is pending: exit 143 at once (os._exit), the step not saved."""
+    import signal
+
+    from jaxlora.training import preemption
+
+    class Exited(Exception):
+        pass
+
+    def fake_exit(code):
+        raise Exited(code)
+
+    monkeypatch.setattr(preemption.os, "_exit", fake_exit)
+    calls = []
+
+    def step_then_two_signals(state, base, batch, key):
+        calls.append(1)
+        out = engine["train_step"](state, base, batch, key)
+        if len(calls) == 3:
+            signal.raise_signal(signal.SIGTERM)
+            signal.raise_signal(signal.SIGTERM)
+        return out
+
+    settings = FitSettings(max_steps=6, save_interval=2, final_validation=False, progress_bar=False)
+    mgr = CheckpointManager(tmp_path)
+    with pytest.raises(Exited, match="143"):
+        _fit(dict(engine, train_step=step_then_two_signals), _fresh_state(engine), tmp_path, settings, checkpoints=mgr)
+    assert mgr.all_steps() == [2]  # step 3 was not saved
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
 def test_finetune_pieces(tmp_path):
     from safetensors.numpy import load_file
 

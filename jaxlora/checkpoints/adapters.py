@@ -37,6 +37,8 @@ def load_with_adapter(checkpoint_dir: str | os.PathLike, adapter: str | os.PathL
 
 def read_adapter(checkpoint_dir: str | os.PathLike, adapter: str | os.PathLike) -> tuple[LoRAConfig, dict]:
     """(LoRAConfig, nested LoRA params as numpy) of `adapter`, checked against the base checkpoint's shapes."""
+    if not Path(checkpoint_dir).is_dir():
+        raise CheckpointError(f"checkpoint directory {checkpoint_dir} does not exist")
     config = ModelConfig.from_hf_config(checkpoint_dir)
     kind, path = resolve_adapter(adapter)
     lora, params = read_peft_adapter(path, config) if kind == "peft" else read_lora_safetensors(path)
@@ -48,7 +50,7 @@ def resolve_adapter(adapter: str | os.PathLike) -> tuple[str, Path]:
     """-> ("jaxlora", the lora.safetensors file) or ("peft", the adapter directory)."""
     path = Path(adapter)
     if path.is_file():
-        if path.name == "adapter_model.safetensors":
+        if path.name in ("adapter_model.safetensors", CONFIG_FILE):
             return "peft", path.parent
         return "jaxlora", path
     for candidate in (path / "final" / LORA_FILE, path / LORA_FILE):
@@ -70,7 +72,10 @@ def run_config(adapter: str | os.PathLike) -> dict | None:
         return None
     metadata, _ = read_safetensors(path)
     if "config" in metadata:
-        return json.loads(metadata["config"])
+        try:
+            return json.loads(metadata["config"])
+        except ValueError as e:
+            raise CheckpointError(f"{path} has an unreadable run config in its metadata: {e}") from None
     run_dir = path.parent.parent if path.parent.name == "final" else None
     if run_dir is None or not (run_dir / "checkpoints").is_dir():
         return None
@@ -116,4 +121,4 @@ def _check(expected: dict, given: dict, source: str) -> None:
     for key, want in expected.items():
         if tuple(given[key].shape) != tuple(want.shape):
             raise CheckpointError(f"{source}: {key} has shape {list(given[key].shape)} but the base checkpoint "
-                                  f"implies {list(want.shape)}")
+                                  f"and the adapter's LoRA settings imply {list(want.shape)}")

@@ -176,10 +176,7 @@ def write_safetensors(tensors: Iterator[tuple[str, np.ndarray]], directory: Path
 def atomic_directory(out_dir: str | os.PathLike) -> Iterator[Path]:
     """Yields a fresh temporary directory next to `out_dir`, renamed to `out_dir` when the block succeeds
     (and deleted when it fails). `out_dir` must not exist or be an empty directory."""
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise CheckpointError(f"{out} already exists and is not an empty directory; choose a new output "
-                              "directory or remove it")
+    out = check_output_directory(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     # Not tempfile.mkdtemp: its directory is private (0700), and the result should get the usual mode.
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -192,6 +189,20 @@ def atomic_directory(out_dir: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def check_output_directory(out_dir: str | os.PathLike) -> Path:
+    """CheckpointError unless `out_dir` is absent or an empty directory and can be created; its Path."""
+    out = Path(out_dir)
+    if out.is_file():
+        raise CheckpointError(f"{out} is a file, not a directory; choose a new output directory")
+    if out.exists() and any(out.iterdir()):
+        raise CheckpointError(f"{out} already exists and is not an empty directory; choose a new output "
+                              "directory or remove it")
+    existing = next(p for p in out.absolute().parents if p.exists())
+    if not existing.is_dir():
+        raise CheckpointError(f"{out} cannot be created: {existing} is a file; choose a new output directory")
+    return out
 
 
 def _write_json(path: Path, obj: dict) -> None:

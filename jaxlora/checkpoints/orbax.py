@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -95,7 +96,10 @@ class CheckpointManager:
             rng=ocp.args.JaxRandomKeySave(rng), meta=ocp.args.JsonSave(meta),
             config=ocp.args.JsonSave(config or {}))
         metrics = None if val_loss is None else {"val_loss": float(val_loss)}
-        return self._mgr.save(step, args=args, metrics=metrics, force=True)
+        try:  # also reports a failure of the previous (asynchronous) save
+            return self._mgr.save(step, args=args, metrics=metrics, force=True)
+        except Exception as e:  # noqa: BLE001 - a full disk surfaces as OSError or as tensorstore's errors
+            raise self._save_failed(e) from e
 
     def restore(self, target: TrainState, step: int | None = None) -> Restored | None:
         """Restore onto `target` (a train state or its `abstract_state`; shardings are taken from it).
@@ -141,7 +145,20 @@ class CheckpointManager:
         return None
 
     def wait_until_finished(self) -> None:
-        self._mgr.wait_until_finished()
+        try:
+            self._mgr.wait_until_finished()
+        except Exception as e:  # noqa: BLE001 - see `save`
+            raise self._save_failed(e) from e
+
+    def _save_failed(self, e: Exception) -> CheckpointError:
+        complete = [s for s in self.all_steps() if self._complete(s)]
+        kept = (f"the newest complete step, {complete[-1]}, is intact and --config.resume=auto continues from it"
+                if complete else "no step was saved before it")
+        code = re.search(r"os_error_code='(\d+)'", str(e))  # tensorstore's wording of an OSError
+        reason = (os.strerror(int(code[1])) if code else e.strerror if isinstance(e, OSError) and e.strerror
+                  else f"{type(e).__name__}: {_first_line(e)}")
+        return CheckpointError(f"saving a checkpoint in {self.directory} failed ({reason}); {kept} (free disk space "
+                               "first)")
 
     def close(self) -> None:
         self._mgr.close()

@@ -79,17 +79,26 @@ def _load(args):
     return model, Tokenizer(args.checkpoint_dir)
 
 
-def _decoding(args, model, tokenizer):
+def _sampling(args):
+    """The Sampling of the flags, checked (with --max_new_tokens) before the model is loaded."""
+    from jaxlora.generate import Sampling
+
+    if args.max_new_tokens < 1:
+        raise ConfigError(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
+    if args.top_k < 0:
+        raise ConfigError(f"--top_k must be >= 0 (0: no top-k filter), got {args.top_k}")
+    return Sampling(temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p)
+
+
+def _decoding(args, model, tokenizer, sampling):
     """(prompt style, generation kwargs) from the sampling flags."""
     import jax
 
     from jaxlora.data.sft import resolve_prompt_style
-    from jaxlora.generate import Sampling
 
     if args.prompt_style is None:
         args.prompt_style = _run_defaults(args, ["data.prompt_style"]).get("data.prompt_style")
     style = resolve_prompt_style(args.prompt_style, model.config.name)
-    sampling = Sampling(temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p)
     return style, dict(max_new_tokens=args.max_new_tokens, sampling=sampling,
                        stop_tokens=style.stop_tokens(tokenizer), key=jax.random.key(args.seed))
 
@@ -104,8 +113,9 @@ def generate(argv: Sequence[str]) -> None:
     args = p.parse_args(list(argv))
     from jaxlora.generate import generate as run
 
+    sampling = _sampling(args)
     model, tokenizer = _load(args)
-    style, kwargs = _decoding(args, model, tokenizer)
+    style, kwargs = _decoding(args, model, tokenizer, sampling)
     prompts = args.prompt or ["What food do llamas eat?"]
     t0 = time.perf_counter()
     answers = run(model, [tokenizer.encode(style.apply(q)) for q in prompts], **kwargs)
@@ -126,8 +136,9 @@ def chat(argv: Sequence[str]) -> None:
     args = p.parse_args(list(argv))
     from jaxlora.generate import stream
 
+    sampling = _sampling(args)
     model, tokenizer = _load(args)
-    style, kwargs = _decoding(args, model, tokenizer)
+    style, kwargs = _decoding(args, model, tokenizer, sampling)
     print("Type a message; an empty line, !quit or !exit ends the chat.", file=sys.stderr)
     while True:
         print(">> Prompt: ", end="", flush=True)
@@ -163,24 +174,33 @@ def evaluate(argv: Sequence[str]) -> None:
     p.add_argument("--max_seq_length", type=int, default=None, help="truncate examples (default: the model's context)")
     p.add_argument("--max_iters", type=int, default=None, help="evaluate only the first batches (default: all)")
     args, rest = p.parse_known_args(list(argv))
+    for flag, value, unset in (("--batch_size", args.batch_size, None), ("--max_iters", args.max_iters, "every batch"),
+                               ("--max_seq_length", args.max_seq_length, "the model's context")):
+        if value is not None and value < 1:
+            hint = f"; leave it out for {unset}" if unset else ""
+            raise ConfigError(f"{flag} must be >= 1, got {value}{hint}")
     given = {flag.removeprefix("--").split("=", 1)[0] for flag in rest if flag.startswith("--data.")}
     fields = [f"data.{k}" for k in _RUN_DATA_FIELDS if f"data.{k}" not in given]
     fields += ["train.max_seq_length"] * (args.max_seq_length is None) + ["precision"] * (args.precision is None)
     run = _run_defaults(args, fields)
     args.precision = args.precision or run.get("precision")
     data_cfg = _data_config(rest, {k.removeprefix("data."): v for k, v in run.items() if k.startswith("data.")})
-    from jaxlora.data import effective_seq_length, eval_batches, load_sft_splits
+    from jaxlora.data import effective_seq_length, eval_batches
+    from jaxlora.data.sft import load_sft_records, tokenize_splits
     from jaxlora.models.lora import split_lora
     from jaxlora.training.step import make_eval_step
 
+    records = load_sft_records(data_cfg)  # a data mistake shows before the model is loaded
     model, tokenizer = _load(args)
-    max_seq_length = args.max_seq_length or run.get("train.max_seq_length") or model.config.block_size
-    train, val = load_sft_splits(data_cfg, tokenizer, max_seq_length, model_name=model.config.name)
+    context = model.config.block_size
+    if args.max_seq_length is not None and args.max_seq_length > context:
+        raise ConfigError(f"--max_seq_length={args.max_seq_length} exceeds the model's context of {context} tokens; "
+                          f"pass --max_seq_length={context} or less")
+    max_seq_length = args.max_seq_length or run.get("train.max_seq_length") or context
+    train, val = tokenize_splits(*records, data_cfg, tokenizer, max_seq_length, model_name=model.config.name)
     examples = val if args.split == "val" else train
     if not examples:
         raise ConfigError(f"the {args.split} split is empty; choose --split=train or set --data.val_split_fraction")
-    if args.batch_size < 1:
-        raise ConfigError(f"--batch_size must be >= 1, got {args.batch_size}")
     graphdef, lora, base = split_lora(model)
     eval_step = make_eval_step(graphdef)
     batches = eval_batches(examples, args.batch_size, seq_len=effective_seq_length(examples, max_seq_length),

@@ -10,11 +10,19 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from jaxlora.errors import ConfigError
+from jaxlora.errors import CheckpointError, ConfigError
+
+MERGE_DTYPES = ("float32", "bfloat16", "float16")
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse whose mistakes raise ConfigError (the CLI's one-line `error: ...`, exit code 2)."""
+    """argparse whose mistakes raise ConfigError (the CLI's one-line `error: ...`, exit code 2).
+
+    No abbreviations: a misspelt flag is an error, not silently another flag (--prompt is not --prompt_style).
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, allow_abbrev=False, **kwargs)
 
     def error(self, message: str):
         raise ConfigError(f"jaxlora {self.prog.split()[-1]}: {message}")
@@ -28,7 +36,23 @@ def _parse(name: str, argv: Sequence[str], *, dtype_help: str) -> argparse.Names
     p.add_argument("--out", required=True, help="the output directory (must not exist or be empty)")
     if dtype_help:
         p.add_argument("--dtype", default=None, help=dtype_help)
-    return p.parse_args(list(argv))
+    args = p.parse_args(list(argv))
+    _check_out(args)
+    return args
+
+
+def _check_out(args: argparse.Namespace) -> None:
+    """Before anything is loaded or written: --out is a new or empty directory, neither an input nor inside one."""
+    from jaxlora.checkpoints.hf_export import check_output_directory
+
+    out = Path(args.out).resolve()
+    # an adapter named by its file: that file cannot be the output (a new or empty directory)
+    for flag, path in (("--checkpoint_dir", Path(args.checkpoint_dir)), ("--adapter", Path(args.adapter))):
+        if path.is_dir() and (out == path.resolve() or path.resolve() in out.parents):
+            where = "is" if out == path.resolve() else "lies inside"
+            raise ConfigError(f"--out {args.out} {where} the {flag} directory {path}, an input that must stay as it "
+                              f"is; choose an output directory outside it")
+    check_output_directory(args.out)
 
 
 def merge(argv: Sequence[str]) -> None:
@@ -39,8 +63,17 @@ def merge(argv: Sequence[str]) -> None:
     from jaxlora.models.lora import merge_lora
 
     base = Path(args.checkpoint_dir)
-    hf_config = json.loads((base / "config.json").read_text()) if (base / "config.json").is_file() else None
+    hf_config = None
+    if (base / "config.json").is_file():
+        try:
+            hf_config = json.loads((base / "config.json").read_text())
+        except ValueError as e:
+            raise CheckpointError(f"{base / 'config.json'} is not valid JSON ({e})") from None
     dtype = args.dtype or (hf_config or {}).get("torch_dtype") or (hf_config or {}).get("dtype") or "float32"
+    if dtype not in MERGE_DTYPES:
+        where = "--dtype" if args.dtype else f"the torch_dtype of {base / 'config.json'}"
+        raise ConfigError(f"{where} is {dtype!r}, not a dtype merge can write; pass --dtype with one of "
+                          f"{', '.join(MERGE_DTYPES)}")
     # Frozen weights in the output dtype; merge_lora adds A B * scale in fp32 before casting back.
     model = merge_lora(load_with_adapter(base, args.adapter, dtype=dtype))
     extra = [base / f for f in TOKENIZER_FILES if (base / f).is_file()]

@@ -40,6 +40,7 @@ from jaxlora.training.sharding import (BATCH_SPEC, EVAL_BATCH_SPEC, batch_slice,
                                        global_batch_from_local, host_copy, initialize_distributed, make_mesh,
                                        mesh_shape, param_shardings, place, replicate, shard_params,
                                        train_state_shardings)
+from jaxlora.training.preemption import Preemption
 from jaxlora.training.step import TrainState, init_train_state, make_eval_step, make_train_step
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,7 @@ class FitResult:
     step: int
     val_loss: float | None
     summary: dict
+    preempted: bool = False  # stopped early by SIGTERM (the state of `step` is saved)
 
 
 def fit(state: TrainState, base, *, train_step, eval_step, train_batches: Iterator[dict], key: jax.Array,
@@ -106,6 +108,8 @@ def fit(state: TrainState, base, *, train_step, eval_step, train_batches: Iterat
     val_loss = val_exact = None
     initial = {}  # the initial validation's loss and exact match, for the summary
     t_begin = time.perf_counter()
+    preempted = False
+    preemption = Preemption().__enter__()
     try:
         if s.initial_validation and val_batches is not None:
             val_loss, val_exact = validate(state.lora, None)
@@ -129,10 +133,10 @@ def fit(state: TrainState, base, *, train_step, eval_step, train_batches: Iterat
             bar.update(1)
             bar.set_postfix(loss=f"{float(m['loss']):.4f}", refresh=False)
 
-            out_of_time = _all_agree(s.max_time is not None and now - t_begin >= s.max_time)
-            last = nxt is None or out_of_time
+            preempted, out_of_time = preemption.requested(s.max_time is not None and now - t_begin >= s.max_time)
+            last = nxt is None or out_of_time or preempted
             val = exact = None
-            if last and s.final_validation and val_batches is not None:
+            if last and not preempted and s.final_validation and val_batches is not None:
                 val, exact = validate(state.lora, None)
             elif s.eval_interval and step % s.eval_interval == 0 and val_batches is not None:
                 val, exact = validate(state.lora, s.eval_max_iters)
@@ -149,7 +153,10 @@ def fit(state: TrainState, base, *, train_step, eval_step, train_batches: Iterat
                 _log_row(row, s.max_steps)
             if checkpoints is not None and (last or (s.save_interval and step % s.save_interval == 0)):
                 checkpoints.save(state, rng=key, data_position=position, val_loss=val, config=run_config)
-            if out_of_time:
+            if preempted:
+                log.warning("stopped at step %d on request, that step saved%s", step,
+                            "" if checkpoints is None else f" in {checkpoints.directory}")
+            elif out_of_time:
                 log.info("stopping at step %d: max_time of %.0f s reached", step, s.max_time)
             if last:
                 break
@@ -159,12 +166,13 @@ def fit(state: TrainState, base, *, train_step, eval_step, train_batches: Iterat
         writer.close()
         if checkpoints is not None:
             checkpoints.wait_until_finished()  # also on errors: earlier saves must complete
+        preemption.__exit__()
     summary = _summary(times, step_tokens, step, start_step, val_loss, flops_per_token, peak_flops)
     summary.update(initial, **({"val_exact_match": val_exact} if val_exact is not None else {}))
     if primary:
         _log_summary(summary)
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    return FitResult(state=state, step=step, val_loss=val_loss, summary=summary)
+    return FitResult(state=state, step=step, val_loss=val_loss, summary=summary, preempted=preempted)
 
 
 def _next_batch(batches: Iterator[dict], mesh, data_position) -> tuple[dict, dict | None] | None:
@@ -212,14 +220,6 @@ def _check_finite_val(step: int, val_loss: float | None) -> None:
         raise DivergenceError(
             f"the validation loss at step {step} is {val_loss}, so that step was not saved; lower the learning "
             "rate, set max_norm, or use a wider precision")
-
-
-def _all_agree(flag: bool) -> bool:
-    """True on every process if it is True on any (so all processes stop at the same step)."""
-    if jax.process_count() == 1:
-        return flag
-    from jax.experimental import multihost_utils
-    return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
 
 
 class _Interval:
@@ -425,6 +425,10 @@ def finetune(cfg) -> FitResult:
             sample=None if sampler is None else sampler.at_validation)
     finally:
         checkpoints.close()
+    if result.preempted:  # not finished: no final adapter that would pass for the run's result
+        log.warning("the run stopped at step %d of %d; continue it with the same command and "
+                    "--config.resume=auto", result.step, total_steps)
+        return result
     if sampler is not None:
         sampler.generate("after", result.state.lora)
         sampler.write(cfg.out_dir)
