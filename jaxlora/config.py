@@ -23,15 +23,14 @@ import ml_collections
 from ml_collections.config_dict import FieldReference
 
 from jaxlora.errors import ConfigError
+from jaxlora.models import lora
+from jaxlora.models.gpt import REMAT_CHOICES
+from jaxlora.training.optim import OPTIMIZERS
+from jaxlora.training.precision import POLICIES
+from jaxlora.training.sharding import MESH_AXES
+from jaxlora.training.step import MODES
 
-PRECISIONS = ("bf16-true", "bf16-mixed", "32-true", "16-true", "16-mixed")
-OPTIMIZERS = ("adamw", "adam", "sgd", "lion", "adafactor")
-GRAD_ACCUMULATION = ("scan", "multisteps")
-# "none", "block" (remat each block, save nothing), or a ready-made jax.checkpoint_policies name.
-REMAT = ("none", "block", "checkpoint_dots", "checkpoint_dots_with_no_batch_dims", "dots_saveable",
-         "dots_with_no_batch_dims_saveable", "everything_saveable", "nothing_saveable")
-MESH_AXES = ("data", "fsdp", "tensor")
-LORA_TARGETS = ("lora_query", "lora_key", "lora_value", "lora_projection", "lora_mlp", "lora_head")
+LORA_TARGETS = tuple(f"lora_{t}" for t in lora.LORA_TARGETS)  # the config's names of the model's LoRA switches
 
 
 def _optional(value: Any, field_type: type) -> FieldReference:
@@ -71,8 +70,8 @@ def base_config() -> ml_collections.ConfigDict:
     cfg.train.max_seq_length = _optional(None, int)
     cfg.train.min_lr = 6e-5
     cfg.train.max_norm = _optional(None, float)  # gradient clipping by global norm
-    cfg.train.grad_accumulation = "scan"  # one of GRAD_ACCUMULATION
-    cfg.train.remat = "none"  # one of REMAT
+    cfg.train.grad_accumulation = "scan"  # one of training.step.MODES
+    cfg.train.remat = "none"  # one of models.gpt.REMAT_CHOICES
 
     cfg.eval = ml_collections.ConfigDict()
     cfg.eval.interval = 100
@@ -373,7 +372,7 @@ def _check_checkpoint_dir(checkpoint_dir: str | None) -> None:
 def _check_precision(precision: str | None, backend_supports_bf16: bool) -> None:
     if precision is None:
         return
-    _one_of("precision", precision, PRECISIONS)
+    _one_of("precision", precision, tuple(POLICIES))
     if precision.startswith("bf16") and not backend_supports_bf16:
         raise ConfigError(f"precision {precision!r} needs bfloat16, which this backend lacks; "
                           f"set --config.precision=16-mixed (GPU) or 32-true")
@@ -435,8 +434,8 @@ def _check_train(train: ml_collections.ConfigDict, model_block_size: int | None)
             f"train.max_seq_length={train.max_seq_length} exceeds the model's context of {model_block_size} "
             f"tokens; set --config.train.max_seq_length={model_block_size} or less"
         )
-    _one_of("train.grad_accumulation", train.grad_accumulation, GRAD_ACCUMULATION)
-    _one_of("train.remat", train.remat, REMAT)
+    _one_of("train.grad_accumulation", train.grad_accumulation, MODES)
+    _one_of("train.remat", train.remat, REMAT_CHOICES)
 
 
 def _check_eval(ev: ml_collections.ConfigDict, save_interval: int) -> None:

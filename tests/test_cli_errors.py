@@ -508,3 +508,10 @@ def test_chat_bad_flags(capsys, monkeypatch, flags, pattern):
 ], ids=["no-command", "unknown-command"])
 def test_bad_command(capsys, argv, pattern):
     fails(capsys, argv, pattern)
+
+
+def test_peft_adapter_named_by_its_config_file(capsys, tmp_path, adapters):
+    """Not a mistake: --adapter=DIR/adapter_config.json is the PEFT adapter DIR (it used to be read as safetensors)."""
+    assert cli.main(["export-peft", f"--checkpoint_dir={BASE}", f"--adapter={adapters['peft'] / 'adapter_config.json'}",
+                     f"--out={tmp_path / 'out'}"]) == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]

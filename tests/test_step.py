@@ -269,7 +269,7 @@ def test_resolve_precision():
     assert policy.name == "32-true" and "picked" in message and "cpu" in message
     policy, message = resolve_precision(None, backend="tpu")
     assert policy is POLICIES["bf16-true"] and "natively" in message
-    assert policy.param_dtype == jnp.bfloat16 and policy.lora_dtype == jnp.float32
+    assert policy.param_dtype == jnp.bfloat16 and policy.compute_dtype == jnp.bfloat16
     mixed, _ = resolve_precision("bf16-mixed")
     assert (mixed.param_dtype, mixed.compute_dtype) == (jnp.float32, jnp.bfloat16)
     assert {p.compute_dtype for p in POLICIES.values()} == {jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16),

@@ -2,7 +2,7 @@
 
 An adapter is named by a finetune run directory (`<out_dir>/final/lora.safetensors`), a
 `lora.safetensors` file or the directory holding it, or a PEFT adapter directory
-(adapter_config.json + adapter_model.safetensors).
+(adapter_config.json + adapter_model.safetensors) or one of its two files.
 """
 
 from __future__ import annotations

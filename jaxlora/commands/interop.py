@@ -33,7 +33,7 @@ def _parse(name: str, argv: Sequence[str], *, dtype_help: str) -> argparse.Names
     p.add_argument("--checkpoint_dir", required=True, help="the base HF checkpoint directory")
     p.add_argument("--adapter", required=True,
                    help="a finetune out_dir (final/lora.safetensors), a lora.safetensors file, or a PEFT adapter dir")
-    p.add_argument("--out", required=True, help="the output directory (must not exist or be empty)")
+    p.add_argument("--out", required=True, help="the output directory: new or empty, outside --checkpoint_dir and --adapter")
     if dtype_help:
         p.add_argument("--dtype", default=None, help=dtype_help)
     args = p.parse_args(list(argv))

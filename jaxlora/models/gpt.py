@@ -27,7 +27,9 @@ from jaxlora.models.config import ModelConfig
 from jaxlora.models import packing, rope
 from jaxlora.models.lora import LoRAConfig, LoRALinear, logical_axes
 
-REMAT_CHOICES = ("none", "block")  # or any name in jax.checkpoint_policies
+# "none", "block" (remat each block, save nothing), or one of jax.checkpoint_policies' ready-made policies
+REMAT_CHOICES = ("none", "block", "checkpoint_dots", "checkpoint_dots_with_no_batch_dims", "dots_saveable",
+                 "dots_with_no_batch_dims_saveable", "everything_saveable", "nothing_saveable")
 
 
 class Norm(nnx.Module):

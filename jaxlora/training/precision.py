@@ -28,12 +28,11 @@ from jaxlora.errors import ConfigError
 class Policy:
     name: str
     param_dtype: jnp.dtype  # frozen weights
-    compute_dtype: jnp.dtype  # activations and matmul inputs
-    lora_dtype: jnp.dtype = jnp.dtype(jnp.float32)  # LoRA weights, gradients, optimizer state
+    compute_dtype: jnp.dtype  # activations and matmul inputs; LoRA weights, gradients, optimizer state: fp32
 
     def describe(self) -> str:
         return (f"{self.name} (frozen weights {self.param_dtype.name}, compute {self.compute_dtype.name}, "
-                f"LoRA weights and optimizer state {self.lora_dtype.name})")
+                "LoRA weights and optimizer state float32)")
 
 
 _BF16, _FP16, _FP32 = jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32)
