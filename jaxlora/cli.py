@@ -58,7 +58,7 @@ def finetune(argv: Sequence[str]) -> None:
     cfg = config_from_args(argv)
     # The loop validates again with the mesh's data-parallel size and the model's context length.
     validate(cfg)
-    from jaxlora.training.loop import finetune as run_finetune
+    from jaxlora.finetune import finetune as run_finetune
 
     run_finetune(cfg)
 

@@ -253,6 +253,10 @@ CHECKPOINT_CASES = {
                   r"unsupported rope_scaling rope_type 'mrope' in config\.json"),
     "no-tokenizer": (lambda d: (d / "tokenizer.model").unlink(),
                      r"checkpoint directory .*/base has neither tokenizer\.json nor tokenizer\.model"),
+    "config-not-json": (lambda d: (d / "config.json").write_text('{"model_type": "llama",'),
+                        r".*/base/config\.json is not valid JSON"),
+    "null-size": (lambda d: _edit_json(d / "config.json", num_hidden_layers=None),
+                  r"config\.json of model_type 'llama' gives sizes that are not positive integers: n_layer=None"),
     "config-disagrees": (lambda d: _edit_json(d / "config.json", hidden_size=128),
                          r"tensor model\.layers\.0\.self_attn\.\w_proj\.weight has shape \[\d+, 256\] but the "
                          r"config\.json implies \[\d+, 128\]"),
@@ -263,7 +267,8 @@ CHECKPOINT_CASES = {
     ("no-config", "finetune"), ("no-config", "export-peft"), ("no-weights", "generate"), ("no-weights", "merge"),
     ("truncated-weights", "evaluate"), ("truncated-weights", "merge"), ("corrupt-header", "generate"),
     ("model-type", "export-peft"), ("model-type", "chat"), ("rope-type", "finetune"), ("no-tokenizer", "generate"),
-    ("no-tokenizer", "evaluate"), ("config-disagrees", "generate"),
+    ("no-tokenizer", "evaluate"), ("config-disagrees", "generate"), ("config-not-json", "finetune"),
+    ("config-not-json", "generate"), ("config-not-json", "export-peft"), ("null-size", "evaluate"),
 ])
 def test_bad_checkpoint(capsys, tmp_path, adapters, case, command):
     mutate, pattern = CHECKPOINT_CASES[case]

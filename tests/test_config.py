@@ -288,9 +288,9 @@ def test_two_mesh_axes_fill(cfg):
 
 @pytest.fixture
 def finetune_calls(monkeypatch):
-    """Replaces jaxlora.training.loop with a stub that records the configs finetune() gets."""
+    """Replaces jaxlora.finetune with a stub that records the configs finetune() gets."""
     calls = []
-    monkeypatch.setitem(sys.modules, "jaxlora.training.loop", types.SimpleNamespace(finetune=calls.append))
+    monkeypatch.setitem(sys.modules, "jaxlora.finetune", types.SimpleNamespace(finetune=calls.append))
     return calls
 
 

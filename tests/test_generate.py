@@ -239,7 +239,7 @@ def checkpoint(tmp_path_factory):
 
     from jaxlora import save_hf_checkpoint
     from jaxlora.checkpoints.hf import load_model
-    from jaxlora.training.loop import save_lora_safetensors
+    from jaxlora.finetune import save_lora_safetensors
 
     root = tmp_path_factory.mktemp("cli")
     config = ModelConfig(name="tiny-llama", model_type="llama", vocab_size=400, padded_vocab_size=400, n_layer=2,

@@ -212,7 +212,7 @@ def test_second_sigterm_exits_at_once_without_saving(engine, tmp_path, monkeypat
 def test_finetune_pieces(tmp_path):
     from safetensors.numpy import load_file
 
-    from jaxlora.training.loop import run_length, save_lora_safetensors, step_batches
+    from jaxlora.finetune import run_length, save_lora_safetensors, step_batches
 
     assert run_length(10, epochs=3, max_steps=None) == 30 and run_length(10, epochs=3, max_steps=7) == 7
     assert run_length(10, epochs=None, max_steps=4) == 4
@@ -237,7 +237,7 @@ def test_finetune_job_end_to_end_and_resume(tmp_path, monkeypatch, caplog):
     from jaxlora.config import base_config
     from jaxlora.models.config import ModelConfig
     from jaxlora.models.gpt import GPT
-    from jaxlora.training.loop import finetune
+    from jaxlora.finetune import finetune
 
     ckpt = make_sentencepiece_dir(tmp_path / "ckpt", LLAMA2_TOKENIZER_CONFIG)
     write_json(ckpt / "config.json", {
@@ -266,7 +266,7 @@ def test_finetune_job_end_to_end_and_resume(tmp_path, monkeypatch, caplog):
     assert "blocks.attn.q.lora_a" in saved and saved["blocks.attn.q.lora_a"].dtype == np.float32
 
     cfg.train.max_steps, cfg.resume, cfg.eval.max_iters = 3, True, 1  # safe changes: logged
-    with caplog.at_level("INFO", logger="jaxlora.training.loop"):
+    with caplog.at_level("INFO", logger="jaxlora.finetune"):
         resumed = finetune(cfg)
     assert "resuming with a changed setting: eval.max_iters 2 -> 1" in caplog.text
     assert resumed.step == 3 and resumed.summary["steps"] == 1

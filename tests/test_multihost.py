@@ -35,13 +35,13 @@ REFERENCE = textwrap.dedent("""
     from safetensors.numpy import load_file
     from jaxlora import cli
     from jaxlora.checkpoints.orbax import CheckpointManager
-    from jaxlora.training import loop
+    from jaxlora import finetune
 
     multi_out, args = sys.argv[1], sys.argv[2:]
     assert jax.process_count() == 1 and jax.device_count() == 1
     results = []
-    original = loop.fit
-    loop.fit = lambda *a, **k: results.append(original(*a, **k)) or results[-1]
+    original = finetune.fit
+    finetune.fit = lambda *a, **k: results.append(original(*a, **k)) or results[-1]
     cli.main(["finetune", *args])
     (result,) = results
     assert result.step == 4

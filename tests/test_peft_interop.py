@@ -25,7 +25,7 @@ from jaxlora.checkpoints.adapters import load_with_adapter, read_adapter  # noqa
 from jaxlora.checkpoints.peft import save_peft_adapter  # noqa: E402
 from jaxlora.cli import main  # noqa: E402
 from jaxlora.errors import CheckpointError  # noqa: E402
-from jaxlora.training.loop import save_lora_safetensors  # noqa: E402
+from jaxlora.finetune import save_lora_safetensors  # noqa: E402
 
 ATOL = 1e-4
 ALL = dict(query=True, key=True, value=True, projection=True, mlp=True, head=True)

@@ -129,7 +129,12 @@ class ModelConfig:
             if not os.path.isfile(path):
                 raise CheckpointError(f"no config.json found at {path}")
             with open(path) as f:
-                hf = json.load(f)
+                try:
+                    hf = json.load(f)
+                except ValueError as e:
+                    raise CheckpointError(f"{path} is not valid JSON ({e})") from None
+            if not isinstance(hf, dict):
+                raise CheckpointError(f"{path} must hold a JSON object, not a {type(hf).__name__}")
         from jaxlora.models.families import config_from_hf
 
         return config_from_hf(hf)

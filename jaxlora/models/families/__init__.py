@@ -41,9 +41,19 @@ def config_from_hf(hf: dict) -> ModelConfig:
     """An HF config.json dict -> ModelConfig (CheckpointError for anything jaxlora does not implement)."""
     family = family_of(hf.get("model_type"))
     try:
-        return ModelConfig(**common_fields(hf, tie_default=family.tie_default), **family.from_hf(hf))
+        config = ModelConfig(**common_fields(hf, tie_default=family.tie_default), **family.from_hf(hf))
     except KeyError as e:
         raise CheckpointError(f"config.json of model_type {hf['model_type']!r} has no {e.args[0]!r} field") from None
+    except (TypeError, ValueError) as e:  # a field of the wrong type (e.g. null where a size belongs)
+        raise CheckpointError(f"config.json of model_type {hf['model_type']!r} has a field of the wrong type or "
+                              f"value ({e})") from None
+    sizes = {f: getattr(config, f) for f in ("vocab_size", "n_layer", "n_embd", "n_head", "n_query_groups",
+                                             "intermediate_size", "head_size", "block_size")}
+    bad = [f"{f}={v!r}" for f, v in sizes.items() if not isinstance(v, int) or isinstance(v, bool) or v < 1]
+    if bad:
+        raise CheckpointError(f"config.json of model_type {hf['model_type']!r} gives sizes that are not positive "
+                              f"integers: {', '.join(bad)}")
+    return config
 
 
 def hf_config_dict(config: ModelConfig, dtype: str = "float32") -> dict:

@@ -1,0 +1,241 @@
+"""The finetuning job: config -> model -> data -> `fit` -> adapter export, top to bottom.
+
+`finetune(cfg)` is what `jaxlora finetune` runs: it validates the config, refuses what would make the run
+wrong or lose data (an out_dir that cannot hold it, old steps a fresh run would mix with, a resume whose
+config differs in what the saved state depends on) before anything is loaded, then loads the model and
+the data, builds the optimizer and train state (fresh or resumed), runs `training.loop.fit` and writes
+the final adapter (`<out_dir>/final/`: lora.safetensors and, where PEFT can express it, PEFT's files).
+The pieces it uses are reusable on their own: `training/` (step, loop, optimizer, precision, sharding).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Iterator
+
+import jax
+import numpy as np
+from flax.traverse_util import flatten_dict
+
+from jaxlora.checkpoints.orbax import CHECKPOINTS_DIR, CheckpointManager, resolve_resume, saved_steps
+from jaxlora.checkpoints.peft import write_peft_adapter
+from jaxlora.config import accumulation_steps, resume_changes, validate
+from jaxlora.data import BatchIterator, Tokenizer, effective_seq_length, eval_batches, steps_per_epoch
+from jaxlora.data.sft import load_sft_records, resolve_prompt_style, tokenize_splits
+from jaxlora.errors import CheckpointError, ConfigError
+from jaxlora.models.config import ModelConfig
+from jaxlora.models.lora import LoRAConfig, split_lora
+from jaxlora.training import metrics as run_metrics
+from jaxlora.training.loop import FitResult, FitSettings, fit
+from jaxlora.training.optim import make_optimizer
+from jaxlora.training.precision import backend_supports_bf16, resolve_precision
+from jaxlora.training.sharding import (batch_slice, data_parallel_size, host_copy, initialize_distributed,
+                                       make_mesh, mesh_shape, param_shardings, place, replicate, shard_params,
+                                       train_state_shardings)
+from jaxlora.training.samples import Sampler
+from jaxlora.training.step import init_train_state, make_eval_step, make_train_step
+
+log = logging.getLogger(__name__)
+
+
+def finetune(cfg) -> FitResult:
+    """Run the LoRA finetuning job of `cfg` (a `jaxlora.config` ConfigDict); what the CLI calls.
+
+    precision -> mesh -> validation and the refusals that need no loading -> data records -> model (HF
+    checkpoint) -> LoRA/frozen split -> tokenized data -> optimizer -> train state (fresh or resumed) ->
+    `fit` -> `<out_dir>/final/` (unless the run was preempted: then its last step is saved, nothing more).
+    An epoch is ceil(train examples / global_batch_size) optimizer steps (the last batch is
+    completed with all-padding rows, which carry no loss, as LitGPT keeps its last batch).
+    """
+    from jaxlora import load_model  # looked up at call time (tests replace it)
+
+    t = cfg.train
+    d = cfg.distributed
+    initialize_distributed(d.coordinator_address, d.num_processes, d.process_id)
+    if jax.process_index() != 0:  # one log for the whole run
+        logging.getLogger("jaxlora").setLevel(logging.WARNING)
+    policy, message = resolve_precision(cfg.precision)
+    log.info(message)
+    mesh = mesh_from_config(cfg.mesh)
+    dp = data_parallel_size(mesh)
+    model_config = ModelConfig.from_hf_config(cfg.checkpoint_dir)
+    # bf16 is refused only where it cannot run well at all (GPUs before sm80); CPU emulates it.
+    validate(cfg, dp, backend_supports_bf16=backend_supports_bf16() or jax.default_backend() == "cpu",
+             model_block_size=model_config.block_size)
+    accum = accumulation_steps(cfg, dp)
+    _check_out_dir(cfg.out_dir)
+    resume = resolve_resume(cfg.resume, cfg.out_dir)
+    old_steps = saved_steps(cfg.out_dir)
+    if resume is None and old_steps:  # checked before any loading: a fresh run would mix its steps with these
+        raise ConfigError(f"{Path(cfg.out_dir) / CHECKPOINTS_DIR} already holds steps {old_steps} of an earlier run; "
+                          "continue it with --config.resume=auto, or choose another out_dir (or remove it)")
+
+    run_config = json.loads(cfg.to_json_best_effort())
+    if resume is not None:
+        _check_resume_config(*resume, run_config)
+
+    train_records, val_records = load_sft_records(cfg.data)  # read (and checked) before the model is loaded
+
+    lora_config = LoRAConfig(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, query=cfg.lora_query,
+                             key=cfg.lora_key, value=cfg.lora_value, projection=cfg.lora_projection,
+                             mlp=cfg.lora_mlp, head=cfg.lora_head, use_rslora=cfg.use_rslora)
+    model = load_model(cfg.checkpoint_dir, dtype=policy.param_dtype, compute_dtype=policy.compute_dtype,
+                       lora=lora_config, remat=t.remat, mesh=mesh)
+    graphdef, lora_params, base = split_lora(model)
+    del model
+    base = shard_params(base, mesh)  # already placed by load_model: a no-op
+    n_lora = sum(x.size for x in jax.tree.leaves(lora_params))
+
+    tokenizer = Tokenizer(cfg.checkpoint_dir)
+    max_seq_length = t.max_seq_length or model_config.block_size
+    train_data, val_data = tokenize_splits(train_records, val_records, cfg.data, tokenizer, max_seq_length,
+                                           model_name=model_config.name)
+    seq_len = effective_seq_length(list(train_data) + list(val_data), max_seq_length)
+    total_steps = run_length(steps_per_epoch(len(train_data), t.global_batch_size, drop_last=False),
+                             t.epochs, t.max_steps)
+    o = cfg.optimizer
+    tx, schedule = make_optimizer(
+        o.name, lr=o.lr, total_steps=total_steps, weight_decay=o.weight_decay, betas=tuple(o.betas), eps=o.eps,
+        momentum=o.momentum, nesterov=o.nesterov, warmup_steps=t.lr_warmup_steps,
+        warmup_fraction=t.lr_warmup_fraction, min_lr=t.min_lr, max_norm=t.max_norm,
+        multisteps=accum if t.grad_accumulation == "multisteps" else None)
+
+    state = init_train_state(lora_params, tx)
+    state_sharding = train_state_shardings(state, param_shardings(lora_params, mesh), tx)
+    state = place(state, state_sharding)
+    key = replicate(jax.random.key(cfg.seed), mesh)
+    position = {"epoch": 0, "index": 0, "seed": cfg.seed}
+    c = cfg.checkpoint
+    checkpoints = CheckpointManager(cfg.out_dir, max_to_keep=c.max_to_keep, keep_best=c.keep_best,
+                                    async_save=c.async_save)
+    if resume is not None:
+        source_dir, step = resume
+        own = Path(source_dir).absolute() == Path(cfg.out_dir).absolute()
+        source = checkpoints if own else CheckpointManager(source_dir, read_only=True)
+        restored = source.restore(state, step=step)
+        if restored is not None:
+            state, key = restored.state, replicate(restored.rng, mesh)
+            position = restored.data_position or position
+            log.info("resuming from step %d of %s", restored.step, source.directory)
+
+    slice_index, slice_count = batch_slice(mesh)  # which rows of each global batch this process loads
+    data = dict(seq_len=seq_len, pad_id=tokenizer.pad_id, ignore_index=cfg.data.ignore_index,
+                length_bucket=cfg.data.length_bucket, process_index=slice_index, process_count=slice_count)
+    batches = BatchIterator(train_data, t.global_batch_size, seed=position["seed"], epoch=position["epoch"],
+                            index=position["index"], drop_last=False, **data)
+    val_rows = t.micro_batch_size * dp
+    val_batches = (lambda: eval_batches(val_data, val_rows, **data)) if val_data else None
+    log.info("%d LoRA params; %d train examples; %d optimizer steps of %d micro-batches x %d rows x %d tokens; "
+             "%d data-parallel devices", n_lora, len(train_data), total_steps, accum, t.global_batch_size // accum,
+             seq_len, dp)
+    settings = FitSettings(
+        max_steps=total_steps, max_time=t.max_time, log_interval=t.log_interval, eval_interval=cfg.eval.interval,
+        eval_max_iters=cfg.eval.max_iters, initial_validation=cfg.eval.initial_validation,
+        final_validation=cfg.eval.final_validation, save_interval=t.save_interval, csv=cfg.logger.csv,
+        tensorboard=cfg.logger.tensorboard)
+    sampler = None
+    if cfg.eval.max_new_tokens and val_data:
+        sampler = Sampler(graphdef, base, val_records, resolve_prompt_style(cfg.data.prompt_style, model_config.name),
+                          tokenizer, max_new_tokens=cfg.eval.max_new_tokens, max_seq_length=max_seq_length)
+        if cfg.eval.initial_validation:
+            sampler.generate("before", state.lora)
+    try:
+        result = fit(
+            state, base, train_step=make_train_step(graphdef, tx, accum_steps=accum, mode=t.grad_accumulation,
+                                                    state_sharding=state_sharding),
+            eval_step=make_eval_step(graphdef, mesh=mesh, exact_match=cfg.eval.exact_match),
+            train_batches=step_batches(batches, accum), key=key, mesh=mesh,
+            settings=settings, out_dir=cfg.out_dir, val_batches=val_batches, schedule=schedule,
+            checkpoints=checkpoints, data_position=batches.position, run_config=run_config,
+            flops_per_token=run_metrics.model_flops_per_token(model_config, n_lora, seq_len),
+            peak_flops=run_metrics.device_peak_flops(dtype=policy.compute_dtype),
+            sample=None if sampler is None else sampler.at_validation)
+    finally:
+        checkpoints.close()
+    if result.preempted:  # not finished: no final adapter that would pass for the run's result
+        log.warning("the run stopped at step %d of %d; continue it with the same command and "
+                    "--config.resume=auto", result.step, total_steps)
+        return result
+    if sampler is not None:
+        sampler.generate("after", result.state.lora)
+        sampler.write(cfg.out_dir)
+    final_lora = host_copy(result.state.lora)  # a collective: every process takes part
+    save_lora_safetensors(final_lora, Path(cfg.out_dir) / "final" / "lora.safetensors",
+                          metadata={"step": str(result.step), "lora": json.dumps(dataclasses.asdict(lora_config)),
+                                    "config": json.dumps(run_config)})
+    if jax.process_index() == 0:  # the same adapter in PEFT's format, where PEFT can express it
+        try:
+            write_peft_adapter(model_config, lora_config, final_lora, Path(cfg.out_dir) / "final",
+                               base_model_name_or_path=str(Path(cfg.checkpoint_dir).absolute()))
+        except CheckpointError as e:
+            log.warning("no PEFT adapter written: %s", e)
+    return result
+
+
+def _check_out_dir(out_dir: str) -> None:
+    """Before anything is loaded or written: ConfigError unless out_dir is a directory or can be created."""
+    path = Path(out_dir).absolute()
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"out_dir {out_dir} is a file, not a directory; choose another out_dir")
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"out_dir {out_dir} cannot be created: {existing} is a file; choose another out_dir")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"out_dir {out_dir} cannot be {'written' if existing == path else 'created'}: no write "
+                          f"permission on {existing}; choose another out_dir")
+
+
+def _check_resume_config(source_dir: Path, step: int | None, run_config: dict) -> None:
+    """Before anything is loaded: refuse to resume with settings that make the saved state unusable or
+    the resume inexact (one sentence naming them); log the safe changes."""
+    manager = CheckpointManager(source_dir, read_only=True)
+    try:
+        saved = manager.saved_config(step)
+    finally:
+        manager.close()
+    if saved is None:
+        return
+    unsafe, safe = resume_changes(saved, run_config)
+    if unsafe:
+        raise ConfigError(f"cannot resume from {manager.directory}: the config differs from the one saved with the "
+                          f"checkpoint in {'; '.join(unsafe)}; resume with the saved values, or start a new run in "
+                          "another out_dir")
+    for change in safe:
+        log.info("resuming with a changed setting: %s", change)
+
+
+def mesh_from_config(mesh_cfg):
+    """The (data, fsdp, tensor) mesh of `cfg.mesh` over all devices of all processes (one size may be -1)."""
+    return make_mesh(mesh_shape(mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor, jax.device_count()))
+
+
+def run_length(steps_per_epoch: int, epochs: int | None, max_steps: int | None) -> int:
+    """Optimizer steps of the run: `epochs` epochs, capped at `max_steps` (either may be None)."""
+    if not epochs and not max_steps:
+        raise ConfigError("set train.epochs or train.max_steps: the run needs an end")
+    return min(n for n in (epochs and epochs * steps_per_epoch, max_steps) if n)
+
+
+def step_batches(batches: Iterator[dict], accum: int) -> Iterator[dict]:
+    """Global-batch rows [local_batch, seq] -> [accum, local_batch / accum, seq], one per optimizer step.
+
+    Micro-batch i takes every accum-th row from row i. This process's rows are a contiguous slice
+    of the global batch, so global micro-batch i is the same rows whatever the process count.
+    """
+    for batch in batches:
+        yield {k: v.reshape(v.shape[0] // accum, accum, *v.shape[1:]).swapaxes(0, 1) for k, v in batch.items()}
+
+
+def save_lora_safetensors(lora: dict, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+    """The LoRA params as fp32 safetensors, keys like "blocks.attn.q.lora_a" (written by process 0)."""
+    if jax.process_index() != 0:
+        return
+    from safetensors.numpy import save_file
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    flat = flatten_dict(jax.device_get(lora), sep=".")
+    save_file({k: np.ascontiguousarray(v) for k, v in flat.items()}, str(path), metadata=metadata)
