@@ -83,7 +83,7 @@ RECIPES = {
 # jaxlora's own recipes (families the config hub does not cover): no LitGPT figure to compare with
 OWN_RECIPES = {
     "qwen3-0.6b": "Qwen3-0.6B", "qwen3-1.7b": "Qwen3-1.7B", "qwen3-4b": "Qwen3-4B", "qwen3-8b": "Qwen3-8B",
-    "gemma3-1b": "gemma-3-1b-pt", "olmo2-1b": "OLMo-2-0425-1B", "olmo2-7b": "OLMo-2-1124-7B",
+    "gemma3-1b": "gemma-3-1b-pt", "gemma3-4b": "gemma-3-4b-pt", "olmo2-1b": "OLMo-2-0425-1B", "olmo2-7b": "OLMo-2-1124-7B",
     "smollm3-3b": "SmolLM3-3B", "granite-3.3-2b": "granite-3.3-2b-base", "granite-3.3-8b": "granite-3.3-8b-base",
     "stablelm-2-1.6b": "stablelm-2-1_6b",
 }

@@ -63,6 +63,12 @@ FAMILIES = {
                                                                                 rope_theta=100000.0),
                                                          "sliding_attention": dict(rope_type="default",
                                                                                    rope_theta=1000.0)})),
+    # Gemma 3 4B+ ship as a vision-language model around the text model: jaxlora loads the text model
+    "gemma3-multimodal": ("Gemma3Config", dict(
+        text_config=dict(intermediate_size=48, num_key_value_heads=2, head_dim=8, sliding_window=4,
+                         layer_types=["sliding_attention", "full_attention"], query_pre_attn_scalar=12),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=28, patch_size=14), mm_tokens_per_image=4)),
     "olmo2": ("Olmo2Config", dict(intermediate_size=48, num_key_value_heads=2)),
     "smollm3": ("SmolLM3Config", dict(intermediate_size=48, num_key_value_heads=2, num_hidden_layers=4, pad_token_id=0,
                                       no_rope_layer_interval=2, use_sliding_window=True, sliding_window=4)),
@@ -80,7 +86,12 @@ def make_hf_model(name: str, seed: int = 0):
     import transformers
 
     cls, kwargs = FAMILIES[name]
-    config = getattr(transformers, cls)(**{**_common, **kwargs})
+    if "text_config" in kwargs:  # a model wrapping a text model: the common sizes are the text model's
+        text = {k: v for k, v in _common.items() if k != "attn_implementation"}
+        kwargs = dict(kwargs, text_config={**text, **kwargs["text_config"]}, attn_implementation="eager")
+        config = getattr(transformers, cls)(**kwargs)
+    else:
+        config = getattr(transformers, cls)(**{**_common, **kwargs})
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
     g = torch.Generator().manual_seed(seed)

@@ -39,6 +39,7 @@ OWN_RECIPES = {
     "qwen3-4b": ("Qwen/Qwen3-4B-Base", 32, 0.05, False, 1, 8, 2, 10, 200, 100),
     "qwen3-8b": ("Qwen/Qwen3-8B-Base", 32, 0.05, False, 1, 8, 2, 10, 200, 100),
     "gemma3-1b": ("google/gemma-3-1b-pt", 8, 0.1, True, 2, 6, 2, 200, 800, 25),
+    "gemma3-4b": ("google/gemma-3-4b-pt", 16, 0.1, True, 1, 6, 2, 200, 800, 25),
     "olmo2-1b": ("allenai/OLMo-2-0425-1B", 32, 0.05, False, 1, 8, 2, 10, 200, 100),
     "olmo2-7b": ("allenai/OLMo-2-1124-7B", 32, 0.05, False, 1, 8, 2, 10, 200, 100),
     "smollm3-3b": ("HuggingFaceTB/SmolLM3-3B-Base", 32, 0.05, False, 1, 8, 2, 10, 200, 100),

@@ -55,7 +55,8 @@ def _llama(**fields) -> dict:
      r"RoPE scaling 'linear' on the sliding layers"),
     (dict(_llama(), model_type="gpt_neox", attention_bias=False), r"attention_bias=False"),
     (dict(_llama(), model_type="phi", qk_layernorm=True), r"qk_layernorm"),
-    (dict(_llama(), model_type="gemma3"), r"unsupported model_type 'gemma3'.*gemma3_text"),
+    (dict(_llama(), model_type="mllama"), r"unsupported model_type 'mllama' in config.json; supported: llama"),
+    (dict(model_type="gemma3", text_config=None), r"config.json of model_type 'gemma3' has no 'vocab_size' field"),
 ])
 def test_unimplemented_fields_are_refused(hf, match):
     with pytest.raises(CheckpointError, match=match) as info:

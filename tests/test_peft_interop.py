@@ -46,6 +46,8 @@ CASES = {
     "granite": jaxlora.LoRAConfig(r=2, alpha=4, **ALL),
     "stablelm": jaxlora.LoRAConfig(r=2, alpha=4, **ALL),
     "qwen3_moe": jaxlora.LoRAConfig(r=2, alpha=4, query=True, key=True, value=True, projection=True),
+    # PEFT keys of the vision-language model's text model (model.language_model.*)
+    "gemma3-multimodal": jaxlora.LoRAConfig(r=2, alpha=4, query=True, value=True, mlp=True),
 }
 
 
@@ -129,7 +131,8 @@ def test_merge_cli_from_run_dir(bases, adapted, tmp_path):
     np.testing.assert_allclose(hf_logits(_hf(merged), tokens()), ours, atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("name", ["qwen3", "gemma3", "olmo2", "smollm3", "granite", "stablelm", "qwen3_moe"])
+@pytest.mark.parametrize("name", ["qwen3", "gemma3", "gemma3-multimodal", "olmo2", "smollm3", "granite", "stablelm",
+                                  "qwen3_moe"])
 def test_merged_checkpoint_matches_the_adapted_model(bases, adapted, name, tmp_path):
     """merge_lora + save_hf_checkpoint of every second-wave family: transformers gives the adapted logits
     (Qwen3's adapter on its tied head unties it: the checkpoint gets its own lm_head.weight)."""

@@ -24,7 +24,7 @@ from jax.sharding import Mesh
 
 from jaxlora.errors import CheckpointError
 from jaxlora.models.config import ModelConfig
-from jaxlora.models.families import Source, key_map
+from jaxlora.models.families import Source, ignored_tensors, key_map
 from jaxlora.models.gpt import GPT
 from jaxlora.models.lora import LoRAConfig
 from jaxlora.training.sharding import param_shardings
@@ -221,7 +221,12 @@ def load_model(path: str | os.PathLike, *, dtype="float32", lora: LoRAConfig = L
                   _fill({k: v}, top, reader, config, dtype, None, "", shardings)[k] for k, v in base.items()}
     finally:
         reader.close()
-    unused = sorted(n for n in set(reader.files) - reader.used if not BUFFERS.search(n))
+    skipped = ignored_tensors(config)
+    left_out = [n for n in set(reader.files) - reader.used if skipped and re.search(skipped, n)]
+    if left_out:
+        log.info("%s: %d tensor(s) of the wrapping model are not part of the %s model and were left out (%s ...)",
+                 directory, len(left_out), config.model_type, sorted(left_out)[0])
+    unused = sorted(n for n in set(reader.files) - reader.used - set(left_out) if not BUFFERS.search(n))
     if unused:
         log.warning("%s holds %d tensor(s) that the %s model has no place for; they were not loaded, so its "
                     "outputs may differ from the checkpoint's own model: %s", directory, len(unused), config.name,

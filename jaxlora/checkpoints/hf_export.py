@@ -28,11 +28,12 @@ from flax import nnx
 from jaxlora.checkpoints.hf import INDEX_FILE, SINGLE_FILE, fused_rows, hf_shape
 from jaxlora.errors import CheckpointError
 from jaxlora.models.config import ModelConfig
-from jaxlora.models.families import Source, check_hf_config, hf_config_dict, key_map
+from jaxlora.models.families import Source, check_hf_config, export_config, hf_config_dict, key_map
 from jaxlora.models.gpt import GPT
 from jaxlora.models.lora import lora_layers
 
 DEFAULT_MAX_SHARD_BYTES = 5_000_000_000  # transformers 4's default max_shard_size ("5GB")
+TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "generation_config.json")
 
@@ -54,7 +55,11 @@ def save_hf_checkpoint(model: GPT, out_dir: str | os.PathLike, *, dtype=None,
                               "fold them in with jaxlora.merge_lora(model) before saving an HF checkpoint")
     params = nnx.to_pure_dict(nnx.state(model, nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))))
     dtype = np.dtype(dtype or jax.tree.leaves(params)[0].dtype)
-    config = model.config
+    config = export_config(model.config)
+    if config is not model.config and hf_config is not None:  # the wrapped model alone (Gemma 3's text model)
+        text = hf_config.get("text_config") or {}
+        hf_config = {**hf_config_dict(config, dtype.name), **{k: text.get(k, hf_config.get(k)) for k in TOKEN_IDS
+                                                               if text.get(k, hf_config.get(k)) is not None}}
     if hf_config is None:
         hf = hf_config_dict(config, dtype.name)
     else:
@@ -63,8 +68,7 @@ def save_hf_checkpoint(model: GPT, out_dir: str | os.PathLike, *, dtype=None,
         check_hf_config(config, hf_config)
         keys = [k for k in ("torch_dtype", "dtype") if k in hf_config] or ["torch_dtype"]
         hf = {**hf_config, **{k: dtype.name for k in keys}}
-    generation = {"_from_model_config": True, **{k: hf[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
-                                                 if hf.get(k) is not None}}
+    generation = {"_from_model_config": True, **{k: hf[k] for k in TOKEN_IDS if hf.get(k) is not None}}
     with atomic_directory(out_dir) as tmp:
         _write_json(tmp / "config.json", hf)
         _write_json(tmp / "generation_config.json", generation)

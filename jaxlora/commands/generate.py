@@ -17,7 +17,7 @@ import sys
 import time
 from collections.abc import Iterable, Sequence
 
-from jaxlora.commands.interop import _Parser
+from jaxlora.commands.interop import CommandParser
 from jaxlora.errors import ConfigError
 
 
@@ -105,7 +105,7 @@ def _decoding(args, model, tokenizer, sampling):
 
 def generate(argv: Sequence[str]) -> None:
     """Answer one or more prompts (a batch) with a base model or a finetuned adapter."""
-    p = _Parser(prog="jaxlora generate")
+    p = CommandParser(prog="jaxlora generate")
     _model_args(p)
     p.add_argument("--prompt", action="append", default=None,
                    help="an instruction; repeat the flag for a batch (default: 'What food do llamas eat?')")
@@ -130,7 +130,7 @@ def generate(argv: Sequence[str]) -> None:
 
 def chat(argv: Sequence[str]) -> None:
     """Chat in the terminal: each message gets a streamed reply (no history; empty line or !quit ends)."""
-    p = _Parser(prog="jaxlora chat")
+    p = CommandParser(prog="jaxlora chat")
     _model_args(p)
     _sampling_args(p)
     args = p.parse_args(list(argv))
@@ -164,7 +164,7 @@ def print_streamed(tokenizer, tokens: Iterable[int]) -> None:
 
 def evaluate(argv: Sequence[str]) -> None:
     """Loss and perplexity of a base model or a finetuned adapter on a dataset split."""
-    p = _Parser(prog="jaxlora evaluate",
+    p = CommandParser(prog="jaxlora evaluate",
                 epilog="Data flags are the finetune config's data fields, e.g. --data.json_path=FILE "
                        "--data.val_split_fraction=0.1 --data.prompt_style=alpaca --data.mask_prompt=True; "
                        "data.name defaults to json. With the same data flags the val split is finetune's.")

@@ -15,7 +15,7 @@ from jaxlora.errors import CheckpointError, ConfigError
 MERGE_DTYPES = ("float32", "bfloat16", "float16")
 
 
-class _Parser(argparse.ArgumentParser):
+class CommandParser(argparse.ArgumentParser):
     """argparse whose mistakes raise ConfigError (the CLI's one-line `error: ...`, exit code 2).
 
     No abbreviations: a misspelt flag is an error, not silently another flag (--prompt is not --prompt_style).
@@ -29,7 +29,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parse(name: str, argv: Sequence[str], *, dtype_help: str) -> argparse.Namespace:
-    p = _Parser(prog=f"jaxlora {name}")
+    p = CommandParser(prog=f"jaxlora {name}")
     p.add_argument("--checkpoint_dir", required=True, help="the base HF checkpoint directory")
     p.add_argument("--adapter", required=True,
                    help="a finetune out_dir (final/lora.safetensors), a lora.safetensors file, or a PEFT adapter dir")

@@ -20,11 +20,12 @@ _MODULES = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen3_moe", "phi3"
 FAMILIES: dict[str, Family] = {}  # HF model_type -> its family
 PRESETS: dict[str, ModelConfig] = {}  # LitGPT-style model name -> ModelConfig
 for _name in _MODULES:
-    _family = importlib.import_module(f"{__name__}.{_name}").FAMILY
-    for _t in _family.model_types:
-        FAMILIES[_t] = _family
-    for _preset in _family.presets:
-        PRESETS[_preset.name] = _preset
+    _module = importlib.import_module(f"{__name__}.{_name}")
+    for _family in getattr(_module, "FAMILIES", None) or (_module.FAMILY,):
+        for _t in _family.model_types:
+            FAMILIES[_t] = _family
+        for _preset in _family.presets:
+            PRESETS[_preset.name] = _preset
 
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 
@@ -40,6 +41,8 @@ def family_of(model_type: str | None) -> Family:
 def config_from_hf(hf: dict) -> ModelConfig:
     """An HF config.json dict -> ModelConfig (CheckpointError for anything jaxlora does not implement)."""
     family = family_of(hf.get("model_type"))
+    if family.unwrap is not None:
+        hf = family.unwrap(hf)
     try:
         config = ModelConfig(**common_fields(hf, tie_default=family.tie_default), **family.from_hf(hf))
     except KeyError as e:
@@ -77,10 +80,21 @@ def check_hf_config(c: ModelConfig, hf: dict, what: str = "the given config.json
         raise CheckpointError(f"{what} does not describe this model: it differs in {', '.join(diff)}")
 
 
+def export_config(config: ModelConfig) -> ModelConfig:
+    """The config an HF export of `config` writes: itself, or the wrapped model's (Gemma 3's text model)."""
+    family = family_of(config.model_type)
+    return config.replace(model_type=family.export_as) if family.export_as else config
+
+
+def ignored_tensors(config: ModelConfig) -> str | None:
+    """Regex of the checkpoint tensors `config`'s family leaves out on purpose (None: none)."""
+    return family_of(config.model_type).ignored
+
+
 def key_map(config: ModelConfig) -> KeyMap:
     """-> (top-level sources, per-block sources) of `config`'s family (see `base.Source`)."""
     return family_of(config.model_type).key_map(config)
 
 
 __all__ = ["FAMILIES", "PRESETS", "SUPPORTED_MODEL_TYPES", "Family", "Source", "family_of", "config_from_hf",
-           "hf_config_dict", "check_hf_config", "key_map"]
+           "hf_config_dict", "check_hf_config", "export_config", "ignored_tensors", "key_map"]

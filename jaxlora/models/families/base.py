@@ -60,6 +60,10 @@ class Family:
     key_map: Callable[[ModelConfig], KeyMap]
     presets: tuple[ModelConfig, ...] = ()
     tie_default: bool = False  # the head is tied when config.json has no tie_word_embeddings
+    # A model that wraps the one jaxlora trains (Gemma 3's vision-language model around its text model):
+    unwrap: Callable[[dict], dict] | None = None  # its config.json -> the config dict of the wrapped model
+    ignored: str | None = None  # regex of checkpoint tensors left out on purpose (e.g. the vision tower)
+    export_as: str | None = None  # the model_type an HF export writes (the wrapped model alone)
 
 
 # ---------------------------------------------------------------------------------------------

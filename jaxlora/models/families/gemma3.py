@@ -71,3 +71,36 @@ _rows = [dict(name="gemma-3-1b-pt", n_layer=26, n_embd=1152, n_head=4, n_query_g
 
 FAMILY = base.Family(model_types=("gemma3_text",), architecture="Gemma3ForCausalLM", from_hf=from_hf, to_hf=to_hf,
                      key_map=key_map, tie_default=True, presets=base.presets("gemma3_text", _rows, **_shared))
+
+
+# Gemma 3 4B and larger ship as a vision-language model (`gemma3`, Gemma3ForConditionalGeneration) around this
+# text model: jaxlora reads its text_config and the text model's tensors (checkpoint names "language_model.model.*",
+# module names "model.language_model.*" for PEFT), leaves out the vision tower and projector, and exports the
+# text model alone (a gemma3_text checkpoint that Gemma3ForCausalLM loads).
+
+
+def _text_config(hf: dict) -> dict:
+    text = dict(hf.get("text_config") or {})
+    return dict(text, model_type="gemma3", _name_or_path=hf.get("_name_or_path") or "gemma3",
+                tie_word_embeddings=hf.get("tie_word_embeddings", text.get("tie_word_embeddings", True)))
+
+
+def _wrapped(src: base.Source) -> base.Source:
+    def names(name: str) -> tuple[str, ...]:
+        inner = name.removeprefix("model.")
+        return (f"model.language_model.{inner}", f"language_model.model.{inner}") if inner != name else (
+            name, f"language_model.{name}")
+    return base.Source(names(src.names[0]), src.transpose, src.part, src.experts)
+
+
+def _multimodal_key_map(c) -> base.KeyMap:
+    def wrap(node):
+        return _wrapped(node) if isinstance(node, base.Source) else {k: wrap(v) for k, v in node.items()}
+    top, block = key_map(c)
+    return wrap(top), wrap(block)
+
+
+MULTIMODAL = base.Family(model_types=("gemma3",), architecture="Gemma3ForConditionalGeneration", from_hf=from_hf,
+                         to_hf=to_hf, key_map=_multimodal_key_map, tie_default=True, unwrap=_text_config,
+                         ignored=r"^(vision_tower|multi_modal_projector)\.", export_as="gemma3_text")
+FAMILIES = (FAMILY, MULTIMODAL)
