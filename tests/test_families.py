@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import nnx
 
 import jaxlora
 from jaxlora.errors import CheckpointError
@@ -109,3 +110,20 @@ def test_new_families_train(hf_checkpoints, name):
         state, metrics = step(state, base, batch, jax.random.key(0))
         losses.append(float(metrics["loss"]))
     assert np.isfinite(losses).all() and losses[-1] < losses[0] - 0.05, losses
+
+
+@pytest.mark.parametrize("name", NEW + ["gemma3-multimodal", "phi3-longrope"])
+def test_new_families_generate_as_the_full_forward(hf_checkpoints, name):
+    """Greedy KV-cache generation (3 prompt tokens, 7 new: past every window and RoPE switch of the tiny configs)
+    picks, at every step, the argmax of the full forward over the tokens so far (fp32)."""
+    from jaxlora.generate import generate
+
+    path, _ = hf_checkpoints[name]
+    model = jaxlora.load_model(path)
+    prompt = np.array([5, 17, 42], np.int32)
+    (out,) = generate(model, [prompt], max_new_tokens=7, prompt_bucket=4)
+    seq = jnp.asarray(np.concatenate([prompt, out])[None])
+    forward = nnx.jit(lambda m, mask: m(seq, attention_mask=mask))  # each prefix right-padded to one shape
+    expected = [int(np.asarray(forward(model, jnp.arange(seq.shape[1])[None] < n))[0, n - 1, :64].argmax())
+                for n in range(3, seq.shape[1])]
+    assert out.tolist() == expected
