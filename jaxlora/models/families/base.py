@@ -234,6 +234,15 @@ def layer_types_hf(c: ModelConfig) -> list[str]:
     return ["sliding_attention" if c.attention_type(i) == "sliding" else "full_attention" for i in range(c.n_layer)]
 
 
+def expert_mlp(c: ModelConfig, moe: str, gate: str, up: str, down: str) -> dict:
+    """The sources of a sparse MLP stored per expert: `model.layers.{i}.<moe>.experts.{e}.<gate|up|down>.weight`
+    (stacked on our leading expert axis) and its router `<moe>.gate.weight`."""
+    e = f"model.layers.{{i}}.{moe}.experts.{{e}}."
+    expert = lambda name: {"kernel": Source((e + name + ".weight",), True, experts=c.n_expert)}  # noqa: E731
+    return {"fc_1": expert(gate), "fc_2": expert(up), "proj": expert(down),
+            "router": Source((f"model.layers.{{i}}.{moe}.gate.weight",), transpose=True)}
+
+
 def sliding_window(hf: dict, block_size: int) -> dict:
     """{"sliding_window_size": w} when config.json's window is shorter than the context, else {}."""
     window = hf.get("sliding_window")

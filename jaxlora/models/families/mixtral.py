@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from jaxlora.models.families import base
-from jaxlora.models.families.base import Source
 
 
 def from_hf(hf: dict) -> dict:
@@ -18,13 +17,7 @@ def to_hf(c) -> dict:
 
 
 def key_map(c) -> base.KeyMap:
-    p = "model.layers.{i}."
-    e = p + "block_sparse_moe.experts.{e}."
-    mlp = {"fc_1": {"kernel": Source((e + "w1.weight",), True, experts=c.n_expert)},
-           "fc_2": {"kernel": Source((e + "w3.weight",), True, experts=c.n_expert)},
-           "proj": {"kernel": Source((e + "w2.weight",), True, experts=c.n_expert)},
-           "router": Source((p + "block_sparse_moe.gate.weight",), transpose=True)}
-    return base.llama_keys(c, mlp=mlp)
+    return base.llama_keys(c, mlp=base.expert_mlp(c, "block_sparse_moe", gate="w1", up="w3", down="w2"))
 
 
 _shared = dict(n_head=32, n_query_groups=8, rope_base=1000000.0, mlp_class="LLaMAMoE", n_expert=8, n_expert_per_token=2)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from jaxlora.models.families import base
-from jaxlora.models.families.base import Source
 from jaxlora.models.families.qwen3 import qwen3_fields
 
 
@@ -30,12 +29,7 @@ def to_hf(c) -> dict:
 
 def key_map(c) -> base.KeyMap:
     p = "model.layers.{i}."
-    e = p + "mlp.experts.{e}."
-    mlp = {"fc_1": {"kernel": Source((e + "gate_proj.weight",), True, experts=c.n_expert)},
-           "fc_2": {"kernel": Source((e + "up_proj.weight",), True, experts=c.n_expert)},
-           "proj": {"kernel": Source((e + "down_proj.weight",), True, experts=c.n_expert)},
-           "router": Source((p + "mlp.gate.weight",), transpose=True)}
-    top, block = base.llama_keys(c, mlp=mlp)
+    top, block = base.llama_keys(c, mlp=base.expert_mlp(c, "mlp", gate="gate_proj", up="up_proj", down="down_proj"))
     block["attn"].update(q_norm=base.norm(p + "self_attn.q_norm"), k_norm=base.norm(p + "self_attn.k_norm"))
     return top, block
 
