@@ -314,6 +314,9 @@ def resume_changes(saved: dict, current: dict) -> tuple[list[str], list[str]]:
     """The fields where `current` (a run config as JSON) differs from `saved` (the config stored with the
     checkpoint being resumed), as "key old -> new": (those that make the resume unusable or inexact, safe ones)."""
     old, new = _flat(saved), _flat(current)
+    # with "scan" accumulation the step's gradient is that of the whole global batch however it is split into
+    # micro-batches (fp-close, as across meshes); "multisteps" averages per micro-batch, so the split matters
+    scan = old.get("train.grad_accumulation") == new.get("train.grad_accumulation") == "scan"
     unsafe, safe = [], []
     for key in sorted(set(old) | set(new)):
         a, b = old.get(key), new.get(key)
@@ -322,7 +325,8 @@ def resume_changes(saved: dict, current: dict) -> tuple[list[str], list[str]]:
         if a == b:
             continue
         change = f"{key} {old.get(key)!r} -> {new.get(key)!r}"
-        (safe if any(key == f or (f.endswith(".") and key.startswith(f)) for f in RESUME_SAFE) else unsafe).append(change)
+        ok = any(key == f or (f.endswith(".") and key.startswith(f)) for f in RESUME_SAFE)
+        (safe if ok or (scan and key == "train.micro_batch_size") else unsafe).append(change)
     return unsafe, safe
 
 

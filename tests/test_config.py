@@ -1,5 +1,6 @@
 """Config layer: defaults, the 16 LitGPT hub recipes and jaxlora's own, overrides, validation messages, CLI flag handling."""
 
+import json
 import re
 import sys
 import types
@@ -343,3 +344,26 @@ def test_cli_help_prints_usage_and_config(capsys):
 def test_non_negative_ignore_index(cfg, value):
     cfg.data.ignore_index = value
     _fails(cfg, f"data.ignore_index must be a negative integer (labels >= 0 are token ids), got {value}")
+
+
+def test_resume_changes_sorts_safe_from_unsafe(tmp_path):
+    from jaxlora.config import resume_changes
+
+    saved = json.loads(base_config().to_json_best_effort())
+    saved["checkpoint_dir"] = str(tmp_path)
+
+    def changes(**edits):
+        current = base_config()
+        current.checkpoint_dir = str(tmp_path / "." / "")  # the same directory, spelt otherwise
+        current.update_from_flattened_dict(edits)
+        return resume_changes(saved, json.loads(current.to_json_best_effort()))
+
+    assert changes() == ([], [])
+    assert changes(**{"eval.interval": 50, "train.max_steps": 9}) == (
+        [], ["eval.interval 100 -> 50", "train.max_steps None -> 9"])
+    assert changes(**{"train.micro_batch_size": 2}) == ([], ["train.micro_batch_size 1 -> 2"])  # scan: same gradient
+    unsafe, _ = changes(**{"lora_r": 4, "optimizer.lr": 1e-3, "data.seed": 1})
+    assert unsafe == ["data.seed 42 -> 1", "lora_r 8 -> 4", "optimizer.lr 0.0002 -> 0.001"]
+    saved["train"]["grad_accumulation"] = "multisteps"
+    unsafe, _ = changes(**{"train.grad_accumulation": "multisteps", "train.micro_batch_size": 2})
+    assert unsafe == ["train.micro_batch_size 1 -> 2"]  # a mean of per-micro-batch means: the split matters
