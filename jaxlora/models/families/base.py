@@ -243,10 +243,9 @@ def expert_mlp(c: ModelConfig, moe: str, gate: str, up: str, down: str) -> dict:
             "router": Source((f"model.layers.{{i}}.{moe}.gate.weight",), transpose=True)}
 
 
-def sliding_window(hf: dict, block_size: int) -> dict:
-    """{"sliding_window_size": w} when config.json's window is shorter than the context, else {}."""
-    window = hf.get("sliding_window")
-    return {"sliding_window_size": int(window)} if window and window < block_size else {}
+def every_layer_window(hf: dict, fields: dict, family: str) -> dict:
+    """The layout of families whose `sliding_window`, when set, applies to every layer (Mistral, Mixtral, Phi-3)."""
+    return attention_layout(hf, fields["n_layer"], fields["block_size"], family, window=hf.get("sliding_window"))
 
 
 def presets(model_type: str, rows: list[dict], **shared: Any) -> tuple[ModelConfig, ...]:

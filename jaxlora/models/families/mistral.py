@@ -7,7 +7,7 @@ from jaxlora.models.families import base
 
 def from_hf(hf: dict) -> dict:
     fields = base.llama_fields(hf, "mistral")
-    return dict(fields, **base.sliding_window(hf, fields["block_size"]))
+    return dict(fields, **base.every_layer_window(hf, fields, "mistral"))
 
 
 def to_hf(c) -> dict:

@@ -7,7 +7,7 @@ from jaxlora.models.families import base
 
 def from_hf(hf: dict) -> dict:
     fields = base.llama_fields(hf, "mixtral")
-    return dict(fields, **base.sliding_window(hf, fields["block_size"]), mlp_class="LLaMAMoE",
+    return dict(fields, **base.every_layer_window(hf, fields, "mixtral"), mlp_class="LLaMAMoE",
                 n_expert=hf["num_local_experts"], n_expert_per_token=hf["num_experts_per_tok"])
 
 

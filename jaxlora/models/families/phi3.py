@@ -11,7 +11,7 @@ def from_hf(hf: dict) -> dict:
     # and it takes precedence over the rope_scaling dict's
     hf = dict(hf, original_max_position_embeddings=hf.get("original_max_position_embeddings") or 4096)
     fields = base.llama_fields(hf, "phi3")
-    return dict(fields, **base.sliding_window(hf, fields["block_size"]))
+    return dict(fields, **base.every_layer_window(hf, fields, "phi3"))
 
 
 def to_hf(c) -> dict:
