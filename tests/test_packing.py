@@ -41,7 +41,7 @@ def _randomized(model):
     return model
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES + ("gemma3", "stablelm", "olmo2"))  # + QK-norms of 3 shapes
 def test_bf16_weights_give_the_logits_of_the_same_values_in_fp32(hf_checkpoints, family):
     path, _ = hf_checkpoints[family]
     m16 = _randomized(_load(path, "bfloat16", "float32"))

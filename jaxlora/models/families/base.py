@@ -173,8 +173,9 @@ def llama_fields(hf: dict, family: str, *, eps_default: float = 1e-5) -> dict:
 
 def llama_hf(c: ModelConfig) -> dict:
     """The config.json keys of a Llama-like ModelConfig."""
+    partial = {} if c.rotary_percentage == 1.0 else {"partial_rotary_factor": c.rotary_percentage}
     return dict(num_key_value_heads=c.n_query_groups, head_dim=c.head_size, intermediate_size=c.intermediate_size,
-                hidden_act="silu", rms_norm_eps=c.norm_eps, **rope_scaling_hf(c))
+                hidden_act="silu", rms_norm_eps=c.norm_eps, **partial, **rope_scaling_hf(c))
 
 
 def llama_keys(c: ModelConfig, *, attn: dict | None = None, mlp: dict | None = None) -> KeyMap:
