@@ -100,7 +100,7 @@ def fit(state: TrainState, base, *, train_step, eval_step, train_batches: Iterat
     initial = {}  # the initial validation's loss and exact match, for the summary
     t_begin = time.perf_counter()
     preempted = False
-    preemption = Preemption().__enter__()
+    preemption = Preemption().install()
     try:
         if s.initial_validation and val_batches is not None:
             val_loss, val_exact = validate(state.lora, None)
@@ -157,7 +157,7 @@ def fit(state: TrainState, base, *, train_step, eval_step, train_batches: Iterat
         writer.close()
         if checkpoints is not None:
             checkpoints.wait_until_finished()  # also on errors: earlier saves must complete
-        preemption.__exit__()
+        preemption.uninstall()
     summary = _summary(times, step_tokens, step, start_step, val_loss, flops_per_token, peak_flops)
     summary.update(initial, **({"val_exact_match": val_exact} if val_exact is not None else {}))
     if primary:

@@ -3,10 +3,13 @@ next optimizer-step boundary and save there, as exactly as any saved step; a sec
 after it, exits at once (exit code 128 + signal) without finishing the step or the save in flight, whose
 directory Orbax never commits (resume skips it).
 
-    with Preemption() as preemption:
+    preemption = Preemption().install()
+    try:
         for step ...:
             ...
-            if preemption.requested(): save and stop
+            if preemption.requested()[0]: save and stop
+    finally:
+        preemption.uninstall()
 
 On a multi-process run every process must stop at the same step: `requested()` is true on all of them as
 soon as one received the signal (the processes agree once per step, as they do for max_time).
@@ -26,20 +29,20 @@ log = logging.getLogger(__name__)
 
 
 class Preemption:
-    """Installs the SIGTERM handler for its `with` block (main thread only; elsewhere it is inert)."""
+    """The SIGTERM handler of a run, from `install()` to `uninstall()` (main thread only; elsewhere it is inert)."""
 
     def __init__(self):
         self.signum: int | None = None
         self._previous: dict[int, object] = {}
 
-    def __enter__(self) -> "Preemption":
+    def install(self) -> "Preemption":
         if threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGTERM, signal.SIGINT):
                 self._previous[signum] = signal.getsignal(signum)
             signal.signal(signal.SIGTERM, self._handle)
         return self
 
-    def __exit__(self, *exc) -> None:
+    def uninstall(self) -> None:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
 
