@@ -26,9 +26,11 @@ _WINDOW_IS_CONTEXT = {"Mistral-7B-v0.1", "Mistral-7B-Instruct-v0.1"}
 
 def test_every_family_module_is_registered():
     modules = {m.name for m in pkgutil.iter_modules(families.__path__)} - {"base"}
-    assert modules == set(families._MODULES)
+    assert len(modules) >= 17 and modules == set(families._MODULES)
     for model_type, family in families.FAMILIES.items():
         assert model_type in family.model_types
+    assert {"llama", "qwen3", "qwen3_moe", "gemma3_text", "gemma3", "olmo2", "smollm3", "granite",
+            "stablelm"} <= set(families.SUPPORTED_MODEL_TYPES)
 
 
 @pytest.mark.parametrize("name", sorted(set(families.PRESETS) - _WINDOW_IS_CONTEXT))
@@ -56,7 +58,8 @@ def _llama(**fields) -> dict:
      r"RoPE scaling 'linear' on the sliding layers"),
     (dict(_llama(), model_type="gpt_neox", attention_bias=False), r"attention_bias=False"),
     (dict(_llama(), model_type="phi", qk_layernorm=True), r"qk_layernorm"),
-    (dict(_llama(), model_type="mllama"), r"unsupported model_type 'mllama' in config.json; supported: llama"),
+    (dict(_llama(), model_type="mllama"),
+     r"unsupported model_type 'mllama' in config.json; supported: falcon, gemma, .*, llama, .*, stablelm$"),
     (dict(model_type="gemma3", text_config=None), r"config.json of model_type 'gemma3' has no 'vocab_size' field"),
 ])
 def test_unimplemented_fields_are_refused(hf, match):

@@ -157,7 +157,7 @@ def test_missing_weights(hf_checkpoints, tmp_path):
 
 def test_unsupported_model_type(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "bert", "vocab_size": 10}')
-    with pytest.raises(CheckpointError, match="unsupported model_type 'bert'.*supported: llama"):
+    with pytest.raises(CheckpointError, match="unsupported model_type 'bert'.*supported: falcon, .*llama"):
         jaxlora.load_model(tmp_path)
 
 

@@ -1,21 +1,22 @@
 """The family registry: every model family jaxlora implements, looked up by HF `model_type`.
 
-Adding a family: write `families/<name>.py` declaring `FAMILY = base.Family(...)` and list it in
-`_MODULES`. Everything else (config.json both ways, loading, HF export, PEFT sites, presets)
-reads the family from here.
+Adding a family: write `families/<name>.py` declaring `FAMILY = base.Family(...)` (found by its
+file). Everything else (config.json both ways, loading, HF export, PEFT sites, presets) reads the
+family from here.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib
+import pkgutil
 
 from jaxlora.errors import CheckpointError
 from jaxlora.models.config import ModelConfig
 from jaxlora.models.families.base import Family, KeyMap, Source, common_fields, common_hf
 
-_MODULES = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen3_moe", "phi3", "phi", "gemma", "gemma2", "gemma3",
-            "olmo2", "smollm3", "granite", "stablelm", "falcon", "gpt_neox")
+# every module of this package but `base` is a family (declaring FAMILY, or FAMILIES)
+_MODULES = tuple(sorted(m.name for m in pkgutil.iter_modules(__path__) if m.name != "base"))
 
 FAMILIES: dict[str, Family] = {}  # HF model_type -> its family
 PRESETS: dict[str, ModelConfig] = {}  # LitGPT-style model name -> ModelConfig
@@ -27,7 +28,7 @@ for _name in _MODULES:
         for _preset in _family.presets:
             PRESETS[_preset.name] = _preset
 
-SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
+SUPPORTED_MODEL_TYPES = tuple(sorted(FAMILIES))
 
 
 def family_of(model_type: str | None) -> Family:
