@@ -63,6 +63,10 @@ FAMILIES = {
                                                                                 rope_theta=100000.0),
                                                          "sliding_attention": dict(rope_type="default",
                                                                                    rope_theta=1000.0)})),
+    # a window as long as the context: no window, but the sliding layer keeps its own RoPE base
+    "gemma3-window-is-context": ("Gemma3TextConfig", dict(intermediate_size=48, num_key_value_heads=2, head_dim=8,
+                                                          sliding_window=64, query_pre_attn_scalar=8,
+                                                          layer_types=["sliding_attention", "full_attention"])),
     # Gemma 3 4B+ ship as a vision-language model around the text model: jaxlora loads the text model
     "gemma3-multimodal": ("Gemma3Config", dict(
         text_config=dict(intermediate_size=48, num_key_value_heads=2, head_dim=8, sliding_window=4,

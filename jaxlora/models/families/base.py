@@ -210,10 +210,11 @@ def attention_layout(hf: dict, n_layer: int, block_size: int, family: str, *, wi
         types = [_LAYER_TYPES[n] for n in names]
     else:
         types = ["sliding" if s else "global" for s in (sliding or [True] * n_layer)]
-    if not window or window >= block_size or "sliding" not in types:
-        return {}  # a window as long as the context is no window
-    if all(t == "sliding" for t in types):
-        return {"sliding_window_size": int(window)}
+    if not window or "sliding" not in types:
+        return {}
+    if all(t == "sliding" for t in types):  # a window as long as the context is no window
+        return {} if window >= block_size else {"sliding_window_size": int(window)}
+    # mixed layers stay typed even with a window as long as the context: Gemma 3's sliding layers have their own RoPE
     return {"sliding_window_size": int(window), "attention_types": tuple(types)}
 
 
