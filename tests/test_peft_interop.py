@@ -198,3 +198,22 @@ def test_inexpressible_peft_adapters_are_refused(bases, tmp_path):
     with pytest.raises(CheckpointError, match="adapts module gpt_neox.layers.0.attention.dense, which jaxlora cannot "
                                               "adapt for model_type 'phi3'"):
         read_adapter(bases["phi3"], tmp_path / "a")
+
+
+def test_vision_language_adapter_targets_only_the_text_model(bases, adapted, tmp_path):
+    """Gemma 3's vision tower has q_proj/v_proj too: the exported target_modules name the text model's exact
+    modules, so PEFT adds no (empty) adapters to the vision tower and reports no missing keys."""
+    import re
+    import warnings
+
+    model, ours = adapted["gemma3-multimodal"]
+    out = save_peft_adapter(model, tmp_path / "peft")
+    target = json.loads((out / "adapter_config.json").read_text())["target_modules"]
+    assert isinstance(target, str) and re.fullmatch(target, "model.language_model.layers.1.self_attn.q_proj")
+    assert not re.fullmatch(target, "model.vision_tower.encoder.layers.0.self_attn.q_proj")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        peft_model = peft.PeftModel.from_pretrained(_hf(bases["gemma3-multimodal"]), out).eval()
+    assert not [w for w in caught if "missing adapter keys" in str(w.message)]
+    assert not any("vision_tower" in name and "lora_" in name for name, _ in peft_model.named_parameters())
+    np.testing.assert_allclose(hf_logits(peft_model, tokens()), ours, atol=ATOL, rtol=0)

@@ -30,7 +30,7 @@ import numpy as np
 from jaxlora.checkpoints.hf import fused_rows, hf_shape, read_safetensors
 from jaxlora.errors import CheckpointError
 from jaxlora.models.config import ModelConfig
-from jaxlora.models.families import Source, key_map
+from jaxlora.models.families import Source, family_of, key_map
 from jaxlora.models.lora import LoRAConfig
 
 log = logging.getLogger(__name__)
@@ -115,8 +115,19 @@ def peft_tensors(config: ModelConfig, lora: LoRAConfig, params: dict) -> tuple[d
             name = PREFIX + site.module_at(i)
             tensors[name + ".lora_A.weight"], tensors[name + ".lora_B.weight"] = a, b
     fields = dict(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, use_rslora=lora.use_rslora,
-                  target_modules=sorted(targets), rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
+                  target_modules=_target_modules(config, sorted(targets), modules), rank_pattern=rank_pattern,
+                  alpha_pattern=alpha_pattern)
     return fields, tensors
+
+
+def _target_modules(config: ModelConfig, names: list[str], modules: dict) -> list[str] | str:
+    """PEFT's target_modules: the module names, or, for a model that wraps the one jaxlora trains (Gemma 3's
+    vision-language model), a regex over the exact modules adapted, so PEFT leaves the vision tower's
+    like-named layers alone."""
+    if family_of(config.model_type).unwrap is None:
+        return names
+    adapted = sorted({site.module for parts in modules.values() for site, _, _ in parts})  # "{i}": the layer
+    return "|".join(re.escape(m).replace(r"\{i\}", r"\d+") for m in adapted)
 
 
 def _fuse(config: ModelConfig, parts: list[tuple[Site, np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
