@@ -70,7 +70,7 @@ def run_config(adapter: str | os.PathLike) -> dict | None:
     kind, path = resolve_adapter(adapter)
     if kind != "jaxlora":
         return None
-    metadata, _ = read_safetensors(path)
+    metadata, _ = read_safetensors(path, tensors=False)
     if "config" in metadata:
         try:
             return json.loads(metadata["config"])

@@ -97,13 +97,14 @@ class SafetensorsReader:
         self._open.clear()
 
 
-def read_safetensors(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
-    """A small safetensors file (an adapter) read whole -> (its metadata, name -> numpy array)."""
+def read_safetensors(path: str | os.PathLike, *, tensors: bool = True) -> tuple[dict, dict[str, np.ndarray]]:
+    """A small safetensors file (an adapter) read whole -> (its metadata, name -> numpy array); with
+    tensors=False only the metadata (the header) is read and the dict is empty."""
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="numpy") as f:
-            return f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+            return f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()} if tensors else {}
     except Exception as e:  # safetensors raises its own error types
         raise CheckpointError(f"cannot read {path}: {e}") from None
 

@@ -61,14 +61,20 @@ def _run_defaults(args, fields: Sequence[str]) -> dict:
     return taken
 
 
+def _follow_run(args) -> None:
+    """generate / chat: the run behind --adapter gives --precision and --prompt_style where they are unset."""
+    fields = ["precision"] * (args.precision is None) + ["data.prompt_style"] * (args.prompt_style is None)
+    run = _run_defaults(args, fields)
+    args.precision = args.precision or run.get("precision")
+    args.prompt_style = args.prompt_style or run.get("data.prompt_style")
+
+
 def _load(args):
-    """(model, tokenizer) of --checkpoint_dir [--adapter] in the --precision policy (default: the run's)."""
+    """(model, tokenizer) of --checkpoint_dir [--adapter] in the --precision policy."""
     from jaxlora.checkpoints.hf import load_model
     from jaxlora.data import Tokenizer
     from jaxlora.training.precision import resolve_precision
 
-    if args.precision is None:
-        args.precision = _run_defaults(args, ["precision"]).get("precision")
     policy, _ = resolve_precision(args.precision)
     kwargs = dict(dtype=policy.param_dtype, compute_dtype=policy.compute_dtype)
     if args.adapter:
@@ -96,8 +102,6 @@ def _decoding(args, model, tokenizer, sampling):
 
     from jaxlora.data.sft import resolve_prompt_style
 
-    if args.prompt_style is None:
-        args.prompt_style = _run_defaults(args, ["data.prompt_style"]).get("data.prompt_style")
     style = resolve_prompt_style(args.prompt_style, model.config.name)
     return style, dict(max_new_tokens=args.max_new_tokens, sampling=sampling,
                        stop_tokens=style.stop_tokens(tokenizer), key=jax.random.key(args.seed))
@@ -114,6 +118,7 @@ def generate(argv: Sequence[str]) -> None:
     from jaxlora.generate import generate as run
 
     sampling = _sampling(args)
+    _follow_run(args)
     model, tokenizer = _load(args)
     style, kwargs = _decoding(args, model, tokenizer, sampling)
     prompts = args.prompt or ["What food do llamas eat?"]
@@ -137,6 +142,7 @@ def chat(argv: Sequence[str]) -> None:
     from jaxlora.generate import stream
 
     sampling = _sampling(args)
+    _follow_run(args)
     model, tokenizer = _load(args)
     style, kwargs = _decoding(args, model, tokenizer, sampling)
     print("Type a message; an empty line, !quit or !exit ends the chat.", file=sys.stderr)
