@@ -16,7 +16,8 @@ def to_hf(c) -> dict:
 
 _shared = dict(vocab_size=32000, padded_vocab_size=32000, n_layer=32, n_embd=4096, n_head=32, n_query_groups=8,
                intermediate_size=14336)
-_rows = [dict(name=n, block_size=4096, sliding_window_size=4096) for n in ("Mistral-7B-v0.1", "Mistral-7B-Instruct-v0.1")]
+# v0.1: the context and window of its config.json (max_position_embeddings 32768, sliding_window 4096)
+_rows = [dict(name=n, block_size=32768, sliding_window_size=4096) for n in ("Mistral-7B-v0.1", "Mistral-7B-Instruct-v0.1")]
 _rows += [dict(name=n, block_size=32768, rope_base=1000000.0) for n in ("Mistral-7B-v0.2", "Mistral-7B-Instruct-v0.2")]
 
 FAMILY = base.Family(model_types=("mistral",), architecture="MistralForCausalLM", from_hf=from_hf, to_hf=to_hf,
