@@ -23,7 +23,7 @@ import ml_collections
 from ml_collections.config_dict import FieldReference
 
 from jaxlora.errors import ConfigError
-from jaxlora.models import lora
+from jaxlora.models import lora, quant
 from jaxlora.models.gpt import REMAT_CHOICES
 from jaxlora.training.optim import OPTIMIZERS
 from jaxlora.training.precision import POLICIES
@@ -56,6 +56,10 @@ def base_config() -> ml_collections.ConfigDict:
     cfg.lora_mlp = False
     cfg.lora_head = False
     cfg.use_rslora = False  # scale alpha / sqrt(r) instead of alpha / r
+    cfg.use_dora = False  # weight-decomposed LoRA (DoRA; with quantize: QDoRA)
+    cfg.lora_targets = _optional(None, str)  # a regex over module paths (models.lora); set: replaces the switches
+    cfg.lora_rank_pattern = _optional(None, object)  # {regex: rank} for paths ending in a match (PEFT's rank_pattern)
+    cfg.quantize = _optional(None, str)  # None, or a frozen-base format of models.quant.QUANTIZE (QLoRA)
 
     cfg.train = ml_collections.ConfigDict()
     cfg.train.save_interval = 1000
@@ -130,17 +134,20 @@ def hub_recipe(
     lr_warmup_steps: int = 10,
     save_interval: int = 200,
     eval_interval: int = 100,
+    quantize: str | None = None,
 ) -> ml_collections.ConfigDict:
     """A LitGPT config-hub ``finetune/<model>/lora.yaml``: bf16-true, Alpaca2k, sequences of 512, AdamW 2e-4.
 
     ``all_targets`` puts LoRA on every linear layer (query, key, value, projection, mlp, head);
     otherwise on query and value only. Defaults are those of the query/value recipes.
+    ``quantize`` (e.g. "bnb.nf4"): a config hub ``qlora.yaml`` (the frozen base quantized).
     """
     cfg = base_config()
     cfg.checkpoint_dir = checkpoint_dir
     cfg.out_dir = out_dir
     cfg.precision = "bf16-true"
     cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout = lora_r, lora_alpha, lora_dropout
+    cfg.quantize = quantize
     for target in LORA_TARGETS:
         cfg[target] = all_targets or target in ("lora_query", "lora_value")
     cfg.data.name = "alpaca2k"
@@ -389,9 +396,23 @@ def _check_lora(cfg: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"lora_alpha must be > 0, got {cfg.lora_alpha}")
     if not 0 <= cfg.lora_dropout < 1:
         raise ConfigError(f"lora_dropout must be in [0, 1), got {cfg.lora_dropout}")
-    if cfg.lora_r > 0 and not any(cfg[target] for target in LORA_TARGETS):
+    pattern = cfg.lora_rank_pattern
+    if pattern is not None and not (isinstance(pattern, dict) and all(
+            isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) for k, v in pattern.items())):
+        raise ConfigError(f"lora_rank_pattern must be a dict of regex -> integer rank, got {pattern!r}")
+    if cfg.lora_r > 0 and cfg.lora_targets is None and not any(cfg[target] for target in LORA_TARGETS):
         raise ConfigError(f"lora_r is {cfg.lora_r} but every LoRA target is off, so nothing would train; "
-                          f"set at least one of {', '.join(LORA_TARGETS)} to true")
+                          f"set at least one of {', '.join(LORA_TARGETS)} to true, or lora_targets")
+    lora_config(cfg)  # the patterns compile, the ranks are positive
+    quant.resolve(cfg.quantize)
+
+
+def lora_config(cfg: ml_collections.ConfigDict) -> lora.LoRAConfig:
+    """The `LoRAConfig` of a (validated) run config."""
+    return lora.LoRAConfig(
+        r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, use_rslora=cfg.use_rslora, use_dora=cfg.use_dora,
+        target_pattern=cfg.lora_targets, rank_pattern=tuple((cfg.lora_rank_pattern or {}).items()),
+        **{target.removeprefix("lora_"): cfg[target] for target in LORA_TARGETS})
 
 
 def _check_optimizer(opt: ml_collections.ConfigDict, min_lr: float) -> None:

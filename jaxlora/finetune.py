@@ -23,12 +23,13 @@ from flax.traverse_util import flatten_dict
 
 from jaxlora.checkpoints.orbax import CHECKPOINTS_DIR, CheckpointManager, resolve_resume, saved_steps
 from jaxlora.checkpoints.peft import write_peft_adapter
-from jaxlora.config import accumulation_steps, resume_changes, validate
+from jaxlora.config import accumulation_steps, lora_config, resume_changes, validate
 from jaxlora.data import BatchIterator, Tokenizer, effective_seq_length, eval_batches, steps_per_epoch
 from jaxlora.data.sft import load_sft_records, resolve_prompt_style, tokenize_splits
 from jaxlora.errors import CheckpointError, ConfigError
 from jaxlora.models.config import ModelConfig
-from jaxlora.models.lora import LoRAConfig, split_lora
+from jaxlora.models import quant
+from jaxlora.models.lora import split_lora
 from jaxlora.training import metrics as run_metrics
 from jaxlora.training.loop import FitResult, FitSettings, fit
 from jaxlora.training.optim import make_optimizer
@@ -80,11 +81,9 @@ def finetune(cfg) -> FitResult:
 
     train_records, val_records = load_sft_records(cfg.data)  # read (and checked) before the model is loaded
 
-    lora_config = LoRAConfig(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, query=cfg.lora_query,
-                             key=cfg.lora_key, value=cfg.lora_value, projection=cfg.lora_projection,
-                             mlp=cfg.lora_mlp, head=cfg.lora_head, use_rslora=cfg.use_rslora)
+    lora_settings = lora_config(cfg)
     model = load_model(cfg.checkpoint_dir, dtype=policy.param_dtype, compute_dtype=policy.compute_dtype,
-                       lora=lora_config, remat=t.remat, mesh=mesh)
+                       lora=lora_settings, quantize=quant.resolve(cfg.quantize), remat=t.remat, mesh=mesh)
     graphdef, lora_params, base = split_lora(model)
     del model
     base = shard_params(base, mesh)  # already placed by load_model: a no-op
@@ -165,11 +164,11 @@ def finetune(cfg) -> FitResult:
         sampler.write(cfg.out_dir)
     final_lora = host_copy(result.state.lora)  # a collective: every process takes part
     save_lora_safetensors(final_lora, Path(cfg.out_dir) / "final" / "lora.safetensors",
-                          metadata={"step": str(result.step), "lora": json.dumps(dataclasses.asdict(lora_config)),
+                          metadata={"step": str(result.step), "lora": json.dumps(dataclasses.asdict(lora_settings)),
                                     "config": json.dumps(run_config)})
     if jax.process_index() == 0:  # the same adapter in PEFT's format, where PEFT can express it
         try:
-            write_peft_adapter(model_config, lora_config, final_lora, Path(cfg.out_dir) / "final",
+            write_peft_adapter(model_config, lora_settings, final_lora, Path(cfg.out_dir) / "final",
                                base_model_name_or_path=str(Path(cfg.checkpoint_dir).absolute()))
         except CheckpointError as e:
             log.warning("no PEFT adapter written: %s", e)
@@ -231,7 +230,7 @@ def step_batches(batches: Iterator[dict], accum: int) -> Iterator[dict]:
 
 
 def save_lora_safetensors(lora: dict, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
-    """The LoRA params as fp32 safetensors, keys like "blocks.attn.q.lora_a" (written by process 0)."""
+    """The LoRA params as fp32 safetensors, keys like "blocks.attn.q.adapter.lora_a" (written by process 0)."""
     if jax.process_index() != 0:
         return
     from safetensors.numpy import save_file

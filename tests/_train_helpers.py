@@ -32,7 +32,7 @@ def tiny_split(dropout: float = 0.0):
         graphdef, lora_params, base = tiny_split(LORA.dropout)
         model = nnx.merge(graphdef, lora_params, base)
         for _, layer in lora_layers(model):
-            layer.dropout = dropout
+            layer.adapter.dropout = dropout
         return split_lora(model)
     model = GPT(TINY, LORA, param_dtype=jnp.float32, compute_dtype=jnp.float32, rngs=nnx.Rngs(0))
     graphdef, lora_params, base = split_lora(model)

@@ -331,11 +331,11 @@ def _layer_7(tensors: dict) -> dict:  # a PEFT adapter of a deeper Llama
 
 
 ADAPTER_CASES = [
-    ("lora-rank", "merge", r"lora\.safetensors: blocks\.attn\.[qv]\.lora_a has shape \[4, 256, 2\] but the base "
+    ("lora-rank", "merge", r"lora\.safetensors: blocks\.attn\.[qv]\.adapter\.lora_a has shape \[4, 256, 2\] but the base "
                            r"checkpoint and the adapter's LoRA settings imply \[4, 256, 4\]"),
-    ("lora-other-size", "generate", r"lora\.safetensors: blocks\.attn\.[qv]\.lora_[ab] has shape \[2, \d+, \d+\]"),
+    ("lora-other-size", "generate", r"lora\.safetensors: blocks\.attn\.[qv]\.adapter\.lora_[ab] has shape \[2, \d+, \d+\]"),
     ("lora-missing-target", "export-peft",
-     r"lora\.safetensors has no tensor for LoRA parameter blocks\.attn\.k\.lora_a"),
+     r"lora\.safetensors has no tensor for LoRA parameter blocks\.attn\.k\.adapter\.lora_a"),
     ("lora-no-metadata", "evaluate", r"lora\.safetensors has no 'lora' metadata"),
     ("lora-bad-run-config", "generate", r"lora\.safetensors has an unreadable run config in its metadata"),
     ("lora-truncated", "merge", r"cannot read .*/lora\.safetensors"),

@@ -248,7 +248,7 @@ def test_finetune_job_end_to_end_and_resume(tmp_path, monkeypatch, caplog):
                "red green blue cat dog fish sun moon one two three four".split()]
     write_json(tmp_path / "data.json", records)
 
-    def fake_load_model(path, *, dtype, compute_dtype, lora, remat, mesh=None):
+    def fake_load_model(path, *, dtype, compute_dtype, lora, remat, quantize=None, mesh=None):
         return GPT(ModelConfig.from_hf_config(path), lora, param_dtype=dtype, compute_dtype=compute_dtype,
                    remat=remat, rngs=nnx.Rngs(0))
 
@@ -263,7 +263,7 @@ def test_finetune_job_end_to_end_and_resume(tmp_path, monkeypatch, caplog):
     result = finetune(cfg)
     assert result.step == 2 and result.val_loss is not None
     saved = load_file(tmp_path / "out" / "final" / "lora.safetensors")
-    assert "blocks.attn.q.lora_a" in saved and saved["blocks.attn.q.lora_a"].dtype == np.float32
+    assert "blocks.attn.q.adapter.lora_a" in saved and saved["blocks.attn.q.adapter.lora_a"].dtype == np.float32
 
     cfg.train.max_steps, cfg.resume, cfg.eval.max_iters = 3, True, 1  # safe changes: logged
     with caplog.at_level("INFO", logger="jaxlora.finetune"):

@@ -77,10 +77,10 @@ def _copy_adapters(model, peft_model, modules):
     for (group, layer_name), hf_name in modules.items():
         layer = getattr(getattr(model.blocks, group), layer_name)
         pre = "base_model.model.model.layers.{i}." + hf_name
-        layer.lora_a[...] = jnp.stack([sd[pre.format(i=i) + ".lora_A.default.weight"].T for i in range(n_layer)])
-        layer.lora_b[...] = jnp.stack([sd[pre.format(i=i) + ".lora_B.default.weight"].T for i in range(n_layer)])
-    model.lm_head.lora_a[...] = jnp.asarray(sd["base_model.model.lm_head.lora_A.default.weight"].T)
-    model.lm_head.lora_b[...] = jnp.asarray(sd["base_model.model.lm_head.lora_B.default.weight"].T)
+        layer.adapter.lora_a[...] = jnp.stack([sd[pre.format(i=i) + ".lora_A.default.weight"].T for i in range(n_layer)])
+        layer.adapter.lora_b[...] = jnp.stack([sd[pre.format(i=i) + ".lora_B.default.weight"].T for i in range(n_layer)])
+    model.lm_head.adapter.lora_a[...] = jnp.asarray(sd["base_model.model.lm_head.lora_A.default.weight"].T)
+    model.lm_head.adapter.lora_b[...] = jnp.asarray(sd["base_model.model.lm_head.lora_B.default.weight"].T)
 
 
 def _torch_logits(model, ids):
@@ -148,13 +148,13 @@ def test_zero_b_equals_base_and_dropout_only_in_training(checkpoints):
     model = jaxlora.load_model(path, lora=jaxlora.LoRAConfig(r=4, dropout=0.5, **ALL_TARGETS))
     np.testing.assert_allclose(np.asarray(model(ids)), base, atol=1e-6, rtol=0)
 
-    model.blocks.attn.q.lora_b[...] = 0.1 * jnp.ones_like(model.blocks.attn.q.lora_b[...])
+    model.blocks.attn.q.adapter.lora_b[...] = 0.1 * jnp.ones_like(model.blocks.attn.q.adapter.lora_b[...])
     eval_a, eval_b = np.asarray(model(ids)), np.asarray(model(ids))
     np.testing.assert_array_equal(eval_a, eval_b)  # no dropout key: deterministic
     train = np.asarray(model(ids, dropout_key=jax.random.key(0)))
     assert np.abs(train - eval_a).max() > 1e-3  # dropout acts on the LoRA branch in training
     # With B back at zero, dropout cannot change anything: it acts only on the LoRA branch.
-    model.blocks.attn.q.lora_b[...] = jnp.zeros_like(model.blocks.attn.q.lora_b[...])
+    model.blocks.attn.q.adapter.lora_b[...] = jnp.zeros_like(model.blocks.attn.q.adapter.lora_b[...])
     np.testing.assert_allclose(np.asarray(model(ids, dropout_key=jax.random.key(0))), base, atol=1e-6, rtol=0)
 
 
@@ -165,8 +165,8 @@ def test_expert_adapters_merge_exactly():
         vocab_size=64, padded_vocab_size=64)
     model = jaxlora.GPT(c, jaxlora.LoRAConfig(r=2, mlp=True), rngs=nnx.Rngs(0))
     for layer in (model.blocks.mlp.fc_1, model.blocks.mlp.fc_2, model.blocks.mlp.proj):
-        assert layer.lora_a[...].shape[:2] == (2, 4)  # [layers, experts, in, r]
-        layer.lora_b[...] = 0.2 * jax.random.normal(jax.random.key(1), layer.lora_b[...].shape)
+        assert layer.adapter.lora_a[...].shape[:2] == (2, 4)  # [layers, experts, in, r]
+        layer.adapter.lora_b[...] = 0.2 * jax.random.normal(jax.random.key(1), layer.adapter.lora_b[...].shape)
     ids = jnp.asarray(_ids(seq=6) % 64, jnp.int32)
     adapted = np.asarray(model(ids))
     assert np.abs(adapted - np.asarray(jaxlora.GPT(c, rngs=nnx.Rngs(0))(ids))).max() > 1e-3
@@ -184,7 +184,7 @@ def test_tied_head_adapter_merges_into_an_untied_head():
     c = jaxlora.ModelConfig.from_name("Qwen2.5-0.5B").replace(n_layer=1, n_embd=28, head_size=2, intermediate_size=8,
                                                                vocab_size=32, padded_vocab_size=32)
     model = jaxlora.GPT(c, jaxlora.LoRAConfig(r=2, head=True, query=True), rngs=nnx.Rngs(0))
-    model.lm_head.lora_b[...] = 0.3 * jnp.ones_like(model.lm_head.lora_b[...])
+    model.lm_head.adapter.lora_b[...] = 0.3 * jnp.ones_like(model.lm_head.adapter.lora_b[...])
     ids = jnp.asarray(np.arange(12).reshape(2, 6) % 32, jnp.int32)
     merged = jaxlora.merge_lora(model)
     assert model.config.tie_embeddings and model.lm_head.kernel is None  # the original is untouched
@@ -198,7 +198,7 @@ def test_matmul_gradients_equal_autodiff_of_a_plain_dot(transposed):
     """`matmul`'s hand-written backward pass (fp32 here) gives the gradients autodiff gives a plain dot.
 
     Tolerance 1e-5 relative: the same products summed in possibly different orders (fp32, sums of 24 terms)."""
-    from jaxlora.models.lora import matmul
+    from jaxlora.models.linear import matmul
 
     kx, kw, kg = jax.random.split(jax.random.key(0), 3)
     x = jax.random.normal(kx, (6, 24))
@@ -214,7 +214,7 @@ def test_matmul_gradients_equal_autodiff_of_a_plain_dot(transposed):
 def test_bf16_matmul_multiplies_in_bf16_forward_and_backward():
     """In bf16, no product of `matmul` (forward or backward) upcasts its operands to fp32: every dot
     of the compiled gradient takes bf16 operands (the fast bf16 x bf16 -> fp32 path of XLA's CPU backend)."""
-    from jaxlora.models.lora import matmul
+    from jaxlora.models.linear import matmul
 
     x = jnp.ones((8, 16), jnp.bfloat16)
     w = jnp.ones((16, 4), jnp.bfloat16)

@@ -185,7 +185,7 @@ def test_adapter_of_another_model_is_refused(bases, adapted, tmp_path, capsys):
               "--out", str(tmp_path / "out")])
     assert e.value.code == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and "has no tensor for LoRA parameter blocks.mlp.fc.lora_a" in err
+    assert err.startswith("error: ") and "has no tensor for LoRA parameter blocks.mlp.fc.adapter.lora_a" in err
     assert err.count("\n") == 1
     assert not (tmp_path / "out").exists()
 

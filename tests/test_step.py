@@ -75,7 +75,7 @@ def test_loss_grads_with_tied_softcapped_head_match_full_logits(trainable):
                           norm_class="RMSNorm", mlp_class="GemmaMLP", norm_unit_offset=True, scale_embeddings=True)
     lora = LoRAConfig(r=4, alpha=8, query=True, head=True)
     model = GPT(config, lora, param_dtype=jnp.float32, compute_dtype=jnp.float32, rngs=nnx.Rngs(3))
-    model.lm_head.lora_b[...] = 0.05 * jax.random.normal(jax.random.key(4), model.lm_head.lora_b.shape)
+    model.lm_head.adapter.lora_b[...] = 0.05 * jax.random.normal(jax.random.key(4), model.lm_head.adapter.lora_b.shape)
     graphdef, params, rest = (nnx.split(model, nnx.LoRAParam, ...) if trainable == "lora"
                               else nnx.split(model, nnx.Param, ...))
     batch = random_batch(np.random.default_rng(2), (2, 19), pad_from=15)

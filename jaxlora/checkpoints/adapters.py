@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -27,10 +28,11 @@ LORA_FILE = "lora.safetensors"
 
 
 def load_with_adapter(checkpoint_dir: str | os.PathLike, adapter: str | os.PathLike, *, dtype="float32",
-                      compute_dtype=None) -> GPT:
-    """The base checkpoint in `checkpoint_dir` with the LoRA adapter `adapter` (unmerged, LoRA weights fp32)."""
+                      compute_dtype=None, quantize: str | None = None) -> GPT:
+    """The base checkpoint in `checkpoint_dir` with the LoRA adapter `adapter` (unmerged, LoRA weights fp32);
+    quantize: the base's blocks quantized as `load_model` does (QLoRA)."""
     lora, params = read_adapter(checkpoint_dir, adapter)
-    model = load_model(checkpoint_dir, dtype=dtype, compute_dtype=compute_dtype, lora=lora)
+    model = load_model(checkpoint_dir, dtype=dtype, compute_dtype=compute_dtype, lora=lora, quantize=quantize)
     set_lora_params(model, params, str(adapter))
     return model
 
@@ -97,6 +99,8 @@ def read_lora_safetensors(path: str | os.PathLike) -> tuple[LoRAConfig, dict]:
         lora = LoRAConfig(**json.loads(metadata["lora"]))
     except (ValueError, TypeError, ConfigError) as e:
         raise CheckpointError(f"{path} has unreadable LoRA settings in its metadata: {e}") from None
+    # written before adapters were modules of their own: "<layer>.lora_a" is now "<layer>.adapter.lora_a"
+    flat = {re.sub(r"(?<!\.adapter)\.(lora_[ab])$", r".adapter.\1", k): v for k, v in flat.items()}
     return lora, unflatten_dict(flat, sep=".")
 
 

@@ -25,8 +25,9 @@ from jax.sharding import Mesh
 from jaxlora.errors import CheckpointError
 from jaxlora.models.config import ModelConfig
 from jaxlora.models.families import Source, ignored_tensors, key_map
+from jaxlora.models import quant
 from jaxlora.models.gpt import GPT
-from jaxlora.models.lora import LoRAConfig
+from jaxlora.models.lora import LoRAConfig, init_magnitudes
 from jaxlora.training.sharding import param_shardings
 
 SINGLE_FILE = "model.safetensors"
@@ -165,9 +166,13 @@ def _place(array: np.ndarray, sharding) -> jax.Array:
 
 
 def _fill(abstract: dict, sources: dict, reader, config, dtype, n_layer: int | None, where: str,
-          shardings: dict | None) -> dict:
+          shardings: dict | None, float_abstract: dict, quantize: str | None) -> dict:
     """Our nested param dict of ShapeDtypeStructs -> the same dict of arrays read from the checkpoint,
-    each placed by the matching entry of `shardings` (None: on the default device)."""
+    each placed by the matching entry of `shardings` (None: on the default device).
+
+    float_abstract: the same dict for the unquantized model; where `abstract` holds a quantized kernel
+    (a dict of `models.quant` fields where the key map has one Source), each tensor is read in fp32
+    (one layer at a time), quantized with `quantize` and stacked."""
     out = {}
     for key, leaf in abstract.items():
         src = sources.get(key) if isinstance(sources, dict) else None
@@ -175,8 +180,12 @@ def _fill(abstract: dict, sources: dict, reader, config, dtype, n_layer: int | N
             raise CheckpointError(f"no checkpoint tensor is mapped to parameter {where}{key} for model_type "
                                   f"{config.model_type!r}")
         sharding = None if shardings is None else shardings[key]
+        if isinstance(leaf, dict) and isinstance(src, Source):
+            out[key] = _fill_quantized(leaf, src, reader, config, n_layer, sharding, float_abstract[key], quantize)
+            continue
         if isinstance(leaf, dict):
-            out[key] = _fill(leaf, src, reader, config, dtype, n_layer, f"{where}{key}.", sharding)
+            out[key] = _fill(leaf, src, reader, config, dtype, n_layer, f"{where}{key}.", sharding,
+                             float_abstract[key], quantize)
             continue
         if n_layer is None:
             out[key] = _place(_read(reader, src, tuple(leaf.shape), config, dtype, None), sharding)
@@ -189,12 +198,30 @@ def _fill(abstract: dict, sources: dict, reader, config, dtype, n_layer: int | N
     return out
 
 
+def _fill_quantized(fields: dict, src: Source, reader, config, n_layer: int | None, shardings: dict | None,
+                    float_leaf, quantize: str) -> dict:
+    """One quantized kernel: each layer's tensor read in fp32, quantized, its fields stacked and placed."""
+    shape = tuple(float_leaf.shape)
+    if n_layer is None:
+        q = quant.quantize(_read(reader, src, shape, config, np.float32, None), quantize)
+        return {n: _place(q[n], None if shardings is None else shardings[n]) for n in fields}
+    stacked = {n: np.empty(f.shape, f.dtype) for n, f in fields.items()}  # [n_layer, ...]
+    for i in range(n_layer):
+        q = quant.quantize(_read(reader, src, shape[1:], config, np.float32, i), quantize)
+        for n in fields:
+            stacked[n][i] = q[n]
+    return {n: _place(a, None if shardings is None else shardings[n]) for n, a in stacked.items()}
+
+
 def load_model(path: str | os.PathLike, *, dtype="float32", lora: LoRAConfig = LoRAConfig(), compute_dtype=None,
-               remat: str = "none", scan_layers: bool = True, seed: int = 0, mesh: Mesh | None = None) -> GPT:
+               quantize: str | None = None, remat: str = "none", scan_layers: bool = True, seed: int = 0,
+               mesh: Mesh | None = None) -> GPT:
     """A `GPT` with the frozen weights of the HF checkpoint in `path` and freshly initialised LoRA.
 
     dtype: the frozen weights' dtype (LoRA weights are fp32); compute_dtype: activations (default
     `dtype`). LoRA A is drawn from `seed`, LoRA B is zero, so the model starts as the checkpoint.
+    quantize: a `models.quant` format (or a name `quant.resolve` knows, e.g. "bnb.nf4") for the
+    blocks' linear kernels, quantized tensor by tensor as they are read (QLoRA); others stay `dtype`.
     mesh: place each frozen weight sharded by `training.sharding.RULES` as it is read (every
     process reads the tensors, each device receives only its shard, so no device ever holds a
     whole stacked weight it does not own); None: on the default device. LoRA params stay there.
@@ -206,20 +233,26 @@ def load_model(path: str | os.PathLike, *, dtype="float32", lora: LoRAConfig = L
     reader = SafetensorsReader(directory)
     dtype = jnp.dtype(dtype)
 
-    def build():
-        return GPT(config, lora, param_dtype=dtype, compute_dtype=compute_dtype, scan_layers=scan_layers,
-                   remat=remat, rngs=nnx.Rngs(seed))
+    quantize = quant.resolve(quantize)
+
+    def build(quantize=quantize):
+        return GPT(config, lora, param_dtype=dtype, compute_dtype=compute_dtype, quantize=quantize,
+                   scan_layers=scan_layers, remat=remat, rngs=nnx.Rngs(seed))
 
     graphdef, lora_abstract, base_abstract = nnx.split(nnx.eval_shape(build), nnx.LoRAParam, ...)
+    float_base = (nnx.to_pure_dict(nnx.split(nnx.eval_shape(lambda: build(None)), nnx.LoRAParam, ...)[2])
+                  if quantize else None)
     # Only the LoRA params are computed: XLA drops the unused frozen-weight initialisers.
     lora_state = jax.jit(lambda: nnx.state(build(), nnx.LoRAParam))()
     top, block = key_map(config)
     base = nnx.to_pure_dict(base_abstract)
     shardings = None if mesh is None else param_shardings(base_abstract, mesh)
     try:
+        float_base = float_base or base
         filled = {k: _fill(v, block, reader, config, dtype, config.n_layer, "blocks.",
-                           None if shardings is None else shardings[k]) if k == "blocks" else
-                  _fill({k: v}, top, reader, config, dtype, None, "", shardings)[k] for k, v in base.items()}
+                           None if shardings is None else shardings[k], float_base[k], quantize) if k == "blocks" else
+                  _fill({k: v}, top, reader, config, dtype, None, "", shardings, float_base, quantize)[k]
+                  for k, v in base.items()}
     finally:
         reader.close()
     skipped = ignored_tensors(config)
@@ -234,4 +267,7 @@ def load_model(path: str | os.PathLike, *, dtype="float32", lora: LoRAConfig = L
                     ", ".join(unused[:5]) + (", ..." if len(unused) > 5 else ""))
     nnx.replace_by_pure_dict(base_abstract, filled)
     del lora_abstract
-    return nnx.merge(graphdef, lora_state, base_abstract)
+    model = nnx.merge(graphdef, lora_state, base_abstract)
+    if lora.use_dora:
+        init_magnitudes(model)  # the column norms of the loaded weights
+    return model

@@ -30,6 +30,7 @@ from jaxlora.errors import CheckpointError
 from jaxlora.models.config import ModelConfig
 from jaxlora.models.families import Source, check_hf_config, export_config, hf_config_dict, key_map
 from jaxlora.models.gpt import GPT
+from jaxlora.models.linear import linear_layers
 from jaxlora.models.lora import lora_layers
 
 DEFAULT_MAX_SHARD_BYTES = 5_000_000_000  # transformers 4's default max_shard_size ("5GB")
@@ -49,10 +50,14 @@ def save_hf_checkpoint(model: GPT, out_dir: str | os.PathLike, *, dtype=None,
     copied into the directory (tokenizer files; a copied generation_config.json replaces ours).
     `out_dir` must not exist or be empty. Returns its path.
     """
-    adapted = ["/".join(map(str, path)) for path, layer in lora_layers(model) if layer.rank]
+    adapted = ["/".join(map(str, path)) for path, _ in lora_layers(model)]
     if adapted:
         raise CheckpointError(f"the model still has unmerged LoRA adapters ({', '.join(adapted)}); "
                               "fold them in with jaxlora.merge_lora(model) before saving an HF checkpoint")
+    quantized = ["/".join(map(str, path)) for path, layer in linear_layers(model) if layer.quantized]
+    if quantized:
+        raise CheckpointError(f"the model's weights are quantized ({quantized[0]}, ...); jaxlora.merge_lora(model) "
+                              "dequantises them before saving an HF checkpoint")
     params = nnx.to_pure_dict(nnx.state(model, nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))))
     dtype = np.dtype(dtype or jax.tree.leaves(params)[0].dtype)
     config = export_config(model.config)

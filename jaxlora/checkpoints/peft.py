@@ -1,6 +1,6 @@
 """LoRA adapters in PEFT's format (adapter_config.json + adapter_model.safetensors), both ways.
 
-Where our adapters live in HF terms comes from the family's key map (`models.families`): every `LoRALinear` is a "site" whose
+Where our adapters live in HF terms comes from the family's key map (`models.families`): every `Linear` is a "site" whose
 kernel Source names the transformers module (`names[0]` minus ".weight"). PEFT stores
 `lora_A.weight` [r, in] and `lora_B.weight` [out, r] per module, with scale lora_alpha / r
 (or / sqrt(r) with rsLoRA), the same semantics as ours.
@@ -39,17 +39,26 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 METADATA_KEY = "jaxlora_lora"  # safetensors metadata: our LoRAConfig as JSON
 PREFIX = "base_model.model."
+ADAPTER = ("adapter",)  # where a site's adapter params sit below its path
 _ATTN_TARGETS = {"q": "query", "k": "key", "v": "value", "proj": "projection"}
 
 
 @dataclasses.dataclass(frozen=True)
 class Site:
-    """One of our LoRALinear layers and the HF module holding its kernel."""
+    """One of our `Linear` layers and the HF module holding its kernel."""
 
-    path: tuple[str, ...]  # e.g. ("blocks", "attn", "q"); its LoRA params are path + ("lora_a" | "lora_b")
+    path: tuple[str, ...]  # e.g. ("blocks", "attn", "q"); its LoRA params are path + ADAPTER + ("lora_a" | "lora_b")
     target: str  # the LoRAConfig switch that adapts it
     kernel: Source
     layered: bool  # a block layer: params stacked [n_layer, ...], module name has "{i}"
+
+    @property
+    def dotted(self) -> str:
+        """The module path `LoRAConfig` matches ("blocks.attn.q")."""
+        return ".".join(self.path)
+
+    def rank(self, lora: LoRAConfig) -> int:
+        return lora.rank_at(self.dotted, self.target)
 
     @property
     def module(self) -> str:
@@ -87,33 +96,42 @@ def peft_tensors(config: ModelConfig, lora: LoRAConfig, params: dict) -> tuple[d
 
     CheckpointError where PEFT's format cannot express the adapters.
     """
-    if not lora.targets:
+    if not lora.enabled:
         raise CheckpointError("the model has no LoRA adapters to export")
     modules: dict[str, list[tuple[Site, np.ndarray, np.ndarray]]] = {}
     for site in lora_sites(config):
-        node = _get(params, site.path)
-        if not lora.rank_for(site.target) or node is None:
+        node = _get(params, site.path + ADAPTER)
+        if not site.rank(lora) or node is None:
             continue
         if site.kernel.experts:
             raise CheckpointError("LoRA on Mixtral's experts cannot be expressed in PEFT's format for transformers 5 "
                                   "(its experts are fused 3-D parameters); train without lora_mlp to export to PEFT")
         modules.setdefault(site.module, []).append(
-            (site, np.asarray(node["lora_a"], np.float32), np.asarray(node["lora_b"], np.float32)))
+            (site, np.asarray(node["lora_a"], np.float32), np.asarray(node["lora_b"], np.float32),
+             None if "magnitude" not in node else np.asarray(node["magnitude"], np.float32)))
     tensors, rank_pattern, alpha_pattern, targets = {}, {}, {}, {}
     for module, parts in modules.items():
         short = module.rsplit(".", 1)[-1]
-        k = len(parts)
-        if targets.setdefault(short, k) != k:
+        ranks = {s.rank(lora) for s, *_ in parts}
+        if len(ranks) > 1:
+            raise CheckpointError(f"the parts of the fused module {module} have different LoRA ranks "
+                                  f"{sorted(ranks)}, which PEFT's format cannot express")
+        r = ranks.pop() * len(parts)  # the PEFT module's rank; its scale stays the parts' scale
+        if targets.setdefault(short, r) != r:
             raise CheckpointError(f"PEFT's rank_pattern cannot give the modules named {short} different ranks")
-        if k > 1:
-            rank_pattern[short] = k * lora.r
-            alpha_pattern[short] = lora.alpha * (math.sqrt(k) if lora.use_rslora else k)
+        alpha = lora.scale_for(r // len(parts)) * (math.sqrt(r) if lora.use_rslora else r)
+        if r != lora.r:
+            rank_pattern[short] = r
+        if not math.isclose(alpha, lora.alpha, rel_tol=1e-12):
+            alpha_pattern[short] = alpha
         site = parts[0][0]
         for i in range(config.n_layer) if site.layered else [None]:
             at = (i,) if site.layered else ()
-            a, b = _fuse(config, [(s, a[at], b[at]) for s, a, b in parts])
+            a, b = _fuse(config, [(s, a[at], b[at]) for s, a, b, _ in parts])
             name = PREFIX + site.module_at(i)
             tensors[name + ".lora_A.weight"], tensors[name + ".lora_B.weight"] = a, b
+            if lora.use_dora:
+                tensors[name + ".lora_magnitude_vector"] = _fuse_rows(config, [(s, m[at]) for s, _, _, m in parts])
     fields = dict(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, use_rslora=lora.use_rslora,
                   target_modules=_target_modules(config, sorted(targets), modules), rank_pattern=rank_pattern,
                   alpha_pattern=alpha_pattern)
@@ -126,7 +144,7 @@ def _target_modules(config: ModelConfig, names: list[str], modules: dict) -> lis
     like-named layers alone."""
     if family_of(config.model_type).unwrap is None:
         return names
-    adapted = sorted({site.module for parts in modules.values() for site, _, _ in parts})  # "{i}": the layer
+    adapted = sorted({site.module for parts in modules.values() for site, *_ in parts})  # "{i}": the layer
     return "|".join(re.escape(m).replace(r"\{i\}", r"\d+") for m in adapted)
 
 
@@ -144,6 +162,18 @@ def _fuse(config: ModelConfig, parts: list[tuple[Site, np.ndarray, np.ndarray]])
     return big_a, big_b
 
 
+def _fuse_rows(config: ModelConfig, parts: list[tuple[Site, np.ndarray]]) -> np.ndarray:
+    """One module's per-output vector [out] (a DoRA magnitude) from our parts' [out_p]."""
+    site, m = parts[0]
+    if site.kernel.part is None:
+        return np.ascontiguousarray(m)
+    rows = hf_shape(site.kernel, (1, m.shape[-1]), config)[0]
+    fused = np.zeros(rows, np.float32)
+    for s, m in parts:
+        fused[fused_rows(np.arange(rows), s.kernel.part, config)] = m
+    return fused
+
+
 def write_peft_adapter(config: ModelConfig, lora: LoRAConfig, params: dict, out_dir: str | os.PathLike, *,
                        base_model_name_or_path: str | None = None) -> Path:
     """Write adapter_model.safetensors, then adapter_config.json (each atomically) into `out_dir`."""
@@ -154,7 +184,7 @@ def write_peft_adapter(config: ModelConfig, lora: LoRAConfig, params: dict, out_
     out.mkdir(parents=True, exist_ok=True)
     adapter_config = dict(peft_type="LORA", task_type="CAUSAL_LM", base_model_name_or_path=base_model_name_or_path,
                           bias="none", fan_in_fan_out=False, inference_mode=True, init_lora_weights=True,
-                          modules_to_save=None, layers_to_transform=None, use_dora=False, **fields)
+                          modules_to_save=None, layers_to_transform=None, use_dora=lora.use_dora, **fields)
     tmp = out / (WEIGHTS_FILE + ".tmp")
     save_file(tensors, str(tmp), metadata={"format": "pt", METADATA_KEY: json.dumps(dataclasses.asdict(lora))})
     os.replace(tmp, out / WEIGHTS_FILE)
@@ -187,10 +217,12 @@ def read_peft_adapter(directory: str | os.PathLike, config: ModelConfig) -> tupl
     metadata, raw = read_safetensors(file)
     modules: dict[str, dict[str, np.ndarray]] = {}
     for key, w in raw.items():
-        m = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.default)?\.weight", key)
-        if m is None:
-            raise CheckpointError(f"{file} holds {key}, which is not a LoRA A/B weight that jaxlora can load")
-        modules.setdefault(m[1], {})[m[2]] = w.astype(np.float32)
+        m = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.lora_(?:([AB])(?:\.default)?\.weight|"
+                         r"(magnitude)_vector(?:\.default)?(?:\.weight)?)", key)
+        if m is None or (m[3] and not cfg.get("use_dora")):
+            raise CheckpointError(f"{file} holds {key}, which is not a LoRA A/B weight (or, with use_dora, a DoRA "
+                                  "magnitude) that jaxlora can load")
+        modules.setdefault(m[1], {})[m[2] or "m"] = w.astype(np.float32)
     sites = lora_sites(config)
     owners: dict[str, set[str]] = {}  # HF module name -> the targets of the sites it holds
     for s in sites:
@@ -202,22 +234,24 @@ def read_peft_adapter(directory: str | os.PathLike, config: ModelConfig) -> tupl
         if name not in owners:
             raise CheckpointError(f"{file} adapts module {name}, which jaxlora cannot adapt for model_type "
                                   f"{config.model_type!r}")
-        if len(ab) != 2:
-            raise CheckpointError(f"{file} has no lora_{({'A', 'B'} - set(ab)).pop()} weight for module {name}")
+        wanted = {"A", "B"} | ({"m"} if cfg.get("use_dora") else set())
+        if set(ab) != wanted:
+            what = {"A": "lora_A weight", "B": "lora_B weight", "m": "lora_magnitude_vector"}[(wanted - set(ab)).pop()]
+            raise CheckpointError(f"{file} has no {what} for module {name}")
     native = METADATA_KEY in metadata  # our own export: the rank blocks of fused modules follow our config
     if native:
         lora = LoRAConfig(**json.loads(metadata[METADATA_KEY]))
-        on = set(lora.targets)
-        stray = [name for name in modules if not owners[name] & on]
+        adapted = {s.module_at(i) for s in sites if s.rank(lora) and not s.kernel.experts
+                   for i in (range(config.n_layer) if s.layered else [None])}
+        stray = [name for name in modules if name not in adapted]
         if stray:
             raise CheckpointError(f"{file} adapts {stray[0]}, which its jaxlora metadata does not switch on")
     else:
-        on = set().union(*(owners[name] for name in modules))
-        lora = _lora_config(cfg, modules, on)
+        lora = _lora_config(cfg, modules, set().union(*(owners[name] for name in modules)))
     shapes = lora_shapes(config, lora)
     params: dict = {}
     missing = []
-    for group in _group_by_module(sites, on).values():
+    for group in _group_by_module(sites, lora).values():
         layers = list(range(config.n_layer)) if group[0].layered else [None]
         per_layer = []
         for i in layers:
@@ -226,17 +260,22 @@ def read_peft_adapter(directory: str | os.PathLike, config: ModelConfig) -> tupl
                 missing.append(group[0].module_at(i))
                 per_layer.append([None] * len(group))
             else:
-                first = _get(shapes, group[0].path)
+                first = _get(shapes, group[0].path + ADAPTER)
                 kernel_shape = (first["lora_a"].shape[-2], first["lora_b"].shape[-1])  # [in, out] of one layer
                 per_layer.append(_split(config, group, ab, lora, kernel_shape, native=native,
                                         where=f"{file}: {group[0].module_at(i)}"))
         for j, site in enumerate(group):
             node = {}
+            if lora.use_dora:
+                rows = [None if pl[j] is None else pl[j][2] for pl in per_layer]
+                shape = _get(shapes, site.path + ADAPTER)["magnitude"].shape[1 if site.layered else 0:]
+                arrays = [np.ones(shape, np.float32) if m is None else m for m in rows]
+                node["magnitude"] = np.stack(arrays) if site.layered else arrays[0]
             for n, key in enumerate(("lora_a", "lora_b")):
-                shape = _get(shapes, site.path)[key].shape[1 if site.layered else 0:]
+                shape = _get(shapes, site.path + ADAPTER)[key].shape[1 if site.layered else 0:]
                 arrays = [np.zeros(shape, np.float32) if pl[j] is None else pl[j][n] for pl in per_layer]
                 node[key] = np.stack(arrays) if site.layered else arrays[0]
-            _put(params, site.path, node)
+            _put(params, site.path + ADAPTER, node)
     if missing:
         log.warning("the PEFT adapter in %s does not adapt %s; they get zero (no-op) adapters because jaxlora "
                     "switches LoRA on per target for all layers", directory, ", ".join(missing))
@@ -275,7 +314,7 @@ def _read_adapter_config(path: Path) -> dict:
     except ValueError as e:
         raise CheckpointError(f"{path} is not valid JSON: {e}") from None
     unsupported = [(cfg.get("peft_type", "LORA") != "LORA", f"peft_type {cfg.get('peft_type')!r} (only LORA)"),
-                   (cfg.get("use_dora"), "DoRA (use_dora)"), (cfg.get("bias", "none") != "none", "trained biases"),
+                   (cfg.get("bias", "none") != "none", "trained biases"),
                    (cfg.get("lora_bias"), "lora_bias"), (cfg.get("modules_to_save"), "modules_to_save"),
                    (cfg.get("fan_in_fan_out"), "fan_in_fan_out"), (cfg.get("target_parameters"), "target_parameters")]
     for bad, what in unsupported:
@@ -299,25 +338,28 @@ def _lora_config(cfg: dict, modules: dict, on: set[str]) -> LoRAConfig:
         raise CheckpointError(f"the PEFT adapter uses several ranks or alphas ({shown}), but a jaxlora model has one")
     (r, alpha), = pairs
     return LoRAConfig(r=r, alpha=alpha, dropout=float(cfg.get("lora_dropout", 0.0)),
-                      use_rslora=bool(cfg.get("use_rslora", False)), **{t: True for t in on})
+                      use_rslora=bool(cfg.get("use_rslora", False)), use_dora=bool(cfg.get("use_dora", False)),
+                      **{t: True for t in on})
 
 
-def _group_by_module(sites: list[Site], on: set[str]) -> dict[str, list[Site]]:
+def _group_by_module(sites: list[Site], lora: LoRAConfig) -> dict[str, list[Site]]:
+    """The adapted sites by HF module (several for a fused module)."""
     groups: dict[str, list[Site]] = {}
     for site in sites:
-        if site.target in on:
+        if site.rank(lora):
             groups.setdefault(site.module, []).append(site)
     return groups
 
 
 def _split(config: ModelConfig, group: list[Site], ab: dict, lora: LoRAConfig, kernel_shape: tuple[int, int], *,
            native: bool, where: str) -> list[tuple[np.ndarray, np.ndarray]]:
-    """One module's PEFT (A [k r, in], B [out, k r]) -> each part's (a [in, r], b [r, out]).
+    """One module's PEFT (A [k r, in], B [out, k r], DoRA magnitude [out]) -> each part's (a [in, r], b [r, out],
+    magnitude [out_p] or None).
 
     kernel_shape: our [in, out] of the group's first part. native (our own export): part j owns
     rank block j; otherwise every part shares A (k = 1).
     """
-    r = lora.r
+    r = group[0].rank(lora)
     kernel = group[0].kernel
     big_a, big_b = ab["A"], ab["B"]
     k = len(group) if native and kernel.part is not None else 1
@@ -325,8 +367,11 @@ def _split(config: ModelConfig, group: list[Site], ab: dict, lora: LoRAConfig, k
     if (big_a.shape, big_b.shape) != expected:
         raise CheckpointError(f"{where} has lora_A/lora_B shapes {list(big_a.shape)}/{list(big_b.shape)} but the "
                               f"base checkpoint and rank imply {list(expected[0])}/{list(expected[1])}")
+    m = ab.get("m")  # DoRA magnitude [out] or None
+    if m is not None and m.shape != (big_b.shape[0],):
+        raise CheckpointError(f"{where} has a lora_magnitude_vector of shape {list(m.shape)}, not [{big_b.shape[0]}]")
     if kernel.part is None:
-        return [(big_a.T, big_b.T)]
+        return [(big_a.T, big_b.T, m)]
     rows = np.arange(big_b.shape[0])
     out = []
     for j, site in enumerate(group):
@@ -334,5 +379,6 @@ def _split(config: ModelConfig, group: list[Site], ab: dict, lora: LoRAConfig, k
         cols = slice(j * r, (j + 1) * r)
         if k > 1 and (np.any(b[:, :j * r]) or np.any(b[:, (j + 1) * r:])):
             raise CheckpointError(f"{where} is not block-structured as its jaxlora metadata says")
-        out.append((big_a[cols].T, b[:, cols].T) if k > 1 else (big_a.T, b.T))
+        part_m = None if m is None else m[fused_rows(rows, site.kernel.part, config)]
+        out.append((big_a[cols].T, b[:, cols].T, part_m) if k > 1 else (big_a.T, b.T, part_m))
     return out

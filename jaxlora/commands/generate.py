@@ -27,6 +27,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="a finetune out_dir, a lora.safetensors file or a PEFT adapter dir (default: the base alone)")
     p.add_argument("--precision", default=None,
                    help="bf16-true, 32-true, ... (default: bf16-true where the backend computes bf16, else 32-true)")
+    p.add_argument("--quantize", default=None,
+                   help="quantize the base's block weights: bnb.nf4, bnb.nf4-dq, bnb.fp4, bnb.fp4-dq, bnb.int8 or none "
+                        "(default: the run's, else none)")
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -62,11 +65,20 @@ def _run_defaults(args, fields: Sequence[str]) -> dict:
 
 
 def _follow_run(args) -> None:
-    """generate / chat: the run behind --adapter gives --precision and --prompt_style where they are unset."""
-    fields = ["precision"] * (args.precision is None) + ["data.prompt_style"] * (args.prompt_style is None)
+    """generate / chat: the run behind --adapter gives --precision, --quantize and --prompt_style where unset."""
+    fields = (["precision"] * (args.precision is None) + ["quantize"] * (args.quantize is None)
+              + ["data.prompt_style"] * (args.prompt_style is None))
     run = _run_defaults(args, fields)
     args.precision = args.precision or run.get("precision")
+    args.quantize = args.quantize or run.get("quantize")
     args.prompt_style = args.prompt_style or run.get("data.prompt_style")
+
+
+def quantize_flag(value: str | None) -> str | None:
+    """--quantize's value as a `models.quant` format ("none": None), checked before anything is loaded."""
+    from jaxlora.models import quant
+
+    return None if value in (None, "none") else quant.resolve(value)
 
 
 def _load(args):
@@ -76,7 +88,7 @@ def _load(args):
     from jaxlora.training.precision import resolve_precision
 
     policy, _ = resolve_precision(args.precision)
-    kwargs = dict(dtype=policy.param_dtype, compute_dtype=policy.compute_dtype)
+    kwargs = dict(dtype=policy.param_dtype, compute_dtype=policy.compute_dtype, quantize=quantize_flag(args.quantize))
     if args.adapter:
         from jaxlora.checkpoints.adapters import load_with_adapter
         model = load_with_adapter(args.checkpoint_dir, args.adapter, **kwargs)
@@ -119,6 +131,7 @@ def generate(argv: Sequence[str]) -> None:
 
     sampling = _sampling(args)
     _follow_run(args)
+    quantize_flag(args.quantize)
     model, tokenizer = _load(args)
     style, kwargs = _decoding(args, model, tokenizer, sampling)
     prompts = args.prompt or ["What food do llamas eat?"]
@@ -143,6 +156,7 @@ def chat(argv: Sequence[str]) -> None:
 
     sampling = _sampling(args)
     _follow_run(args)
+    quantize_flag(args.quantize)
     model, tokenizer = _load(args)
     style, kwargs = _decoding(args, model, tokenizer, sampling)
     print("Type a message; an empty line, !quit or !exit ends the chat.", file=sys.stderr)
@@ -188,8 +202,11 @@ def evaluate(argv: Sequence[str]) -> None:
     given = {flag.removeprefix("--").split("=", 1)[0] for flag in rest if flag.startswith("--data.")}
     fields = [f"data.{k}" for k in _RUN_DATA_FIELDS if f"data.{k}" not in given]
     fields += ["train.max_seq_length"] * (args.max_seq_length is None) + ["precision"] * (args.precision is None)
+    fields += ["quantize"] * (args.quantize is None)
     run = _run_defaults(args, fields)
     args.precision = args.precision or run.get("precision")
+    args.quantize = args.quantize or run.get("quantize")
+    quantize_flag(args.quantize)
     data_cfg = _data_config(rest, {k.removeprefix("data."): v for k, v in run.items() if k.startswith("data.")})
     from jaxlora.data import effective_seq_length, eval_batches
     from jaxlora.data.sft import load_sft_records, tokenize_splits

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -36,6 +37,9 @@ def _parse(name: str, argv: Sequence[str], *, dtype_help: str) -> argparse.Names
     p.add_argument("--out", required=True, help="the output directory: new or empty, outside --checkpoint_dir and --adapter")
     if dtype_help:
         p.add_argument("--dtype", default=None, help=dtype_help)
+        p.add_argument("--quantize", default=None,
+                       help="merge into the weights as quantized (bnb.nf4, ...) and dequantised, or none: the "
+                            "full-precision weights (default: the quantization the run trained on, else none)")
     args = p.parse_args(list(argv))
     _check_out(args)
     return args
@@ -74,11 +78,26 @@ def merge(argv: Sequence[str]) -> None:
         where = "--dtype" if args.dtype else f"the torch_dtype of {base / 'config.json'}"
         raise ConfigError(f"{where} is {dtype!r}, not a dtype merge can write; pass --dtype with one of "
                           f"{', '.join(MERGE_DTYPES)}")
+    quantize = _merge_quantize(args)
     # Frozen weights in the output dtype; merge_lora adds A B * scale in fp32 before casting back.
-    model = merge_lora(load_with_adapter(base, args.adapter, dtype=dtype))
+    model = merge_lora(load_with_adapter(base, args.adapter, dtype=dtype, quantize=quantize))
     extra = [base / f for f in TOKENIZER_FILES if (base / f).is_file()]
     out = save_hf_checkpoint(model, args.out, dtype=dtype, hf_config=hf_config, extra_files=extra)
     print(f"merged checkpoint written to {out}")
+
+
+def _merge_quantize(args: argparse.Namespace) -> str | None:
+    """The quantization merge folds the adapter into: --quantize, else the run's (said on stderr)."""
+    from jaxlora.checkpoints.adapters import run_config
+    from jaxlora.commands.generate import quantize_flag
+
+    given = args.quantize is not None
+    quantize = quantize_flag(args.quantize if given else (run_config(args.adapter) or {}).get("quantize"))
+    if quantize is not None:
+        print(f"merging into the {quantize}-quantized base weights, dequantised (the weights the adapter "
+              f"{'was told to use' if given else 'was trained on'}); --quantize=none merges into the "
+              "full-precision weights", file=sys.stderr)
+    return quantize
 
 
 def export_peft(argv: Sequence[str]) -> None:

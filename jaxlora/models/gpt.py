@@ -2,7 +2,8 @@
 
 Layout: embedding -> `n_layer` blocks stored stacked (every block param has a leading `layers`
 axis) and run by `jax.lax.scan`, so compile time does not grow with depth -> final norm -> head.
-All linear maps are `LoRALinear` with [in, out] kernels; q, k, v and the MLP's gate/up are
+All linear maps are `models.linear.Linear` with [in, out] kernels (float, or quantized with
+`quantize`), each with the adapter `LoRAConfig` gives its path; q, k, v and the MLP's gate/up are
 separate maps (fused HF tensors are split on load), so every projection has its own adapter.
 
 Dtypes: frozen weights in their stored dtype, activations in `compute_dtype`, norms, softmax and
@@ -25,7 +26,8 @@ from flax import nnx
 
 from jaxlora.models.config import ModelConfig
 from jaxlora.models import packing, rope
-from jaxlora.models.lora import LoRAConfig, LoRALinear, logical_axes
+from jaxlora.models.linear import Linear, logical_axes
+from jaxlora.models.lora import LoRAConfig, init_magnitudes
 
 # "none", "block" (remat each block, save nothing), or one of jax.checkpoint_policies' ready-made policies
 REMAT_CHOICES = ("none", "block", "checkpoint_dots", "checkpoint_dots_with_no_batch_dims", "dots_saveable",
@@ -128,16 +130,19 @@ def attention_masks(query_slots: jax.Array, key_valid: jax.Array) -> tuple[jax.A
 
 
 class Attention(nnx.Module):
-    def __init__(self, config: ModelConfig, lora: LoRAConfig, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, config: ModelConfig, lora: LoRAConfig, param_dtype, quantize, rngs: nnx.Rngs):
         c = config
         q_out, kv_out = c.n_head * c.head_size, c.n_query_groups * c.head_size
         qkv_bias = c.bias or c.attn_bias
-        mk = lambda i, o, axes, target, bias: LoRALinear(
-            i, o, axes=axes, rank=lora.rank_for(target), lora=lora, use_bias=bias, param_dtype=param_dtype, rngs=rngs)
-        self.q = mk(c.n_embd, q_out, ("embed", "heads"), "query", qkv_bias)
-        self.k = mk(c.n_embd, kv_out, ("embed", "kv_heads"), "key", qkv_bias)
-        self.v = mk(c.n_embd, kv_out, ("embed", "kv_heads"), "value", qkv_bias)
-        self.proj = mk(q_out, c.n_embd, ("heads", "embed"), "projection", c.bias or c.attn_out_bias)
+
+        def mk(name, i, o, axes, target, bias):
+            return Linear(i, o, axes=axes, use_bias=bias, param_dtype=param_dtype, quantize=quantize,
+                          adapter=lora.adapter(f"blocks.attn.{name}", target), rngs=rngs)
+
+        self.q = mk("q", c.n_embd, q_out, ("embed", "heads"), "query", qkv_bias)
+        self.k = mk("k", c.n_embd, kv_out, ("embed", "kv_heads"), "key", qkv_bias)
+        self.v = mk("v", c.n_embd, kv_out, ("embed", "kv_heads"), "value", qkv_bias)
+        self.proj = mk("proj", q_out, c.n_embd, ("heads", "embed"), "projection", c.bias or c.attn_out_bias)
         self.n_head, self.n_kv, self.head_size = c.n_head, c.n_query_groups, c.head_size
         self.scale = c.attention_multiplier or 1.0 / math.sqrt(c.attention_scores_scalar or c.head_size)
         self.softcap = c.attention_logit_softcapping
@@ -201,20 +206,22 @@ class Attention(nnx.Module):
 class MLP(nnx.Module):
     """GptNeoxMLP (fc -> gelu -> proj), LLaMAMLP (silu gate), GemmaMLP (gelu gate), LLaMAMoE (top-k experts)."""
 
-    def __init__(self, config: ModelConfig, lora: LoRAConfig, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, config: ModelConfig, lora: LoRAConfig, param_dtype, quantize, rngs: nnx.Rngs):
         c = config
         self.kind = c.mlp_class
         self.gelu_approximate = c.gelu_approximate
-        rank = lora.rank_for("mlp")
         experts = ((c.n_expert, "expert"),) if self.kind == "LLaMAMoE" else ()
-        mk = lambda i, o, axes: LoRALinear(i, o, axes=axes, rank=rank, lora=lora, use_bias=c.bias,
-                                           batch_dims=experts, param_dtype=param_dtype, rngs=rngs)
+
+        def mk(name, i, o, axes):
+            return Linear(i, o, axes=axes, use_bias=c.bias, batch_dims=experts, param_dtype=param_dtype,
+                          quantize=quantize, adapter=lora.adapter(f"blocks.mlp.{name}", "mlp"), rngs=rngs)
+
         if self.kind == "GptNeoxMLP":
-            self.fc = mk(c.n_embd, c.intermediate_size, ("embed", "mlp"))
+            self.fc = mk("fc", c.n_embd, c.intermediate_size, ("embed", "mlp"))
         else:
-            self.fc_1 = mk(c.n_embd, c.intermediate_size, ("embed", "mlp"))  # gate
-            self.fc_2 = mk(c.n_embd, c.intermediate_size, ("embed", "mlp"))  # up
-        self.proj = mk(c.intermediate_size, c.n_embd, ("mlp", "embed"))
+            self.fc_1 = mk("fc_1", c.n_embd, c.intermediate_size, ("embed", "mlp"))  # gate
+            self.fc_2 = mk("fc_2", c.n_embd, c.intermediate_size, ("embed", "mlp"))  # up
+        self.proj = mk("proj", c.intermediate_size, c.n_embd, ("mlp", "embed"))
         if self.kind == "LLaMAMoE":
             bound = 1.0 / math.sqrt(c.n_embd)
             self.router = nnx.Param(jax.random.uniform(rngs.params(), (c.n_embd, c.n_expert), param_dtype,
@@ -258,9 +265,8 @@ class MLP(nnx.Module):
         weights = jnp.sum(jax.nn.one_hot(top_idx, router_logits.shape[-1]) * top_w[..., None], axis=-2)
         n_expert = router_logits.shape[-1]
         xe = jnp.broadcast_to(x[:, :, None, :], x.shape[:2] + (n_expert, x.shape[-1]))  # [b, t, e, d]
-        spec = "...ei,eio->...eo"
-        h = self._gated(self.fc_1(xe, dropout_key=k0, spec=spec), self.fc_2(xe, dropout_key=k1, spec=spec))
-        y = self.proj(h, dropout_key=k2, spec=spec)  # [b, t, e, d]
+        h = self._gated(self.fc_1(xe, dropout_key=k0), self.fc_2(xe, dropout_key=k1))
+        y = self.proj(h, dropout_key=k2)  # [b, t, e, d]
         return jnp.einsum("bted,bte->btd", y, weights.astype(y.dtype))
 
 
@@ -268,15 +274,15 @@ class Block(nnx.Module):
     """Pre-norm (norm_1 / norm_2 on the inputs), optional post-norms on the attention and MLP outputs
     (both: Gemma 2/3; post only: OLMo 2), sequential or parallel residual (norm_2 None: shared norm)."""
 
-    def __init__(self, config: ModelConfig, lora: LoRAConfig, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, config: ModelConfig, lora: LoRAConfig, param_dtype, quantize, rngs: nnx.Rngs):
         c = config
         self.parallel_residual = c.parallel_residual
         self.residual_multiplier = c.residual_multiplier
         self.norm_1 = Norm(c.n_embd, c, param_dtype) if c.pre_norm else None
-        self.attn = Attention(c, lora, param_dtype, rngs)
+        self.attn = Attention(c, lora, param_dtype, quantize, rngs)
         self.post_attention_norm = Norm(c.n_embd, c, param_dtype) if c.post_attention_norm else None
         self.norm_2 = None if c.shared_attention_norm or not c.pre_norm else Norm(c.n_embd, c, param_dtype)
-        self.mlp = MLP(c, lora, param_dtype, rngs)
+        self.mlp = MLP(c, lora, param_dtype, quantize, rngs)
         self.post_mlp_norm = Norm(c.n_embd, c, param_dtype) if c.post_mlp_norm else None
 
     def __call__(self, x, cos, sin, mask, dropout_key=None, cache=None, index=None):
@@ -304,9 +310,12 @@ class GPT(nnx.Module):
     """input_ids int32 [b, t] -> logits fp32 [b, t, padded_vocab_size]."""
 
     def __init__(self, config: ModelConfig, lora: LoRAConfig = LoRAConfig(), *, param_dtype=jnp.float32,
-                 compute_dtype=None, scan_layers: bool = True, remat: str = "none", rngs: nnx.Rngs):
+                 compute_dtype=None, quantize: str | None = None, scan_layers: bool = True, remat: str = "none",
+                 rngs: nnx.Rngs):
+        """quantize: a `models.quant` format for every block's linear kernels (QLoRA); the embedding,
+        norms, router and head stay in `param_dtype`."""
         c = config
-        self.config, self.lora = c, lora
+        self.config, self.lora, self.quantize = c, lora, quantize
         self.compute_dtype = jnp.dtype(compute_dtype or param_dtype)
         self.scan_layers, self.remat = scan_layers, remat
         self.wte = nnx.Param(0.02 * jax.random.normal(rngs.params(), (c.padded_vocab_size, c.n_embd), param_dtype),
@@ -315,13 +324,15 @@ class GPT(nnx.Module):
         @nnx.split_rngs(splits=c.n_layer)
         @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
         def make_blocks(rngs):
-            return Block(c, lora, param_dtype, rngs)
+            return Block(c, lora, param_dtype, quantize, rngs)
 
         self.blocks = make_blocks(rngs)
         self.ln_f = Norm(c.n_embd, c, param_dtype)
-        self.lm_head = LoRALinear(c.n_embd, c.padded_vocab_size, axes=("embed", "vocab"), rank=lora.rank_for("head"),
-                                  lora=lora, use_bias=c.lm_head_bias, param_dtype=param_dtype,
-                                  has_kernel=not c.tie_embeddings, rngs=rngs)
+        self.lm_head = Linear(c.n_embd, c.padded_vocab_size, axes=("embed", "vocab"), use_bias=c.lm_head_bias,
+                              param_dtype=param_dtype, tied=c.tie_embeddings, adapter=lora.adapter("lm_head", "head"),
+                              rngs=rngs)
+        if lora.use_dora:
+            init_magnitudes(self)
 
     def __call__(self, input_ids, *, positions=None, attention_mask=None, dropout_key=None):
         return self.logits(self.hidden_states(input_ids, positions=positions, attention_mask=attention_mask,
@@ -445,12 +456,10 @@ class GPT(nnx.Module):
         return apply, (state, self.wte[...] if tied else None)
 
 
-def _head_logits(lm_head: LoRALinear, wte: jax.Array | None, config: ModelConfig, hidden: jax.Array) -> jax.Array:
-    if lm_head.kernel is None:  # tied: contract the [vocab, embd] embedding as stored; a transposed
-        # view is copied whole when it enters the loss-chunk loop (XLA gives loop operands the default layout)
-        y = lm_head(hidden, kernel=wte, kernel_transposed=True, out_dtype=jnp.float32)
-    else:
-        y = lm_head(hidden, out_dtype=jnp.float32)
+def _head_logits(lm_head: Linear, wte: jax.Array | None, config: ModelConfig, hidden: jax.Array) -> jax.Array:
+    # tied: the [vocab, embd] embedding is contracted as stored; a transposed view is copied whole
+    # when it enters the loss-chunk loop (XLA gives loop operands the default layout)
+    y = lm_head(hidden, tied_kernel=wte if lm_head.kernel is None else None, out_dtype=jnp.float32)
     if config.logits_scaling != 1.0:
         y = y / config.logits_scaling
     cap = config.final_logit_softcapping

@@ -5,7 +5,7 @@ Mesh axes (outermost first): `data` (pure data parallelism: parameters replicate
 `tensor` (tensor parallelism: attention heads, MLP width and vocabulary split). A single device
 is a 1x1x1 mesh.
 
-Every parameter carries logical axis names (`out_sharding` metadata, see `models.lora.logical_axes`);
+Every parameter carries logical axis names (`out_sharding` metadata, see `models.linear.logical_axes`);
 `RULES` maps each logical axis to a mesh axis, the same way for frozen weights, LoRA params and
 (through `train_state_shardings`) the optimizer state:
 
