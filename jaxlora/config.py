@@ -93,6 +93,7 @@ def base_config() -> ml_collections.ConfigDict:
     cfg.optimizer.eps = 1e-8
     cfg.optimizer.momentum = 0.0  # sgd only
     cfg.optimizer.nesterov = False  # sgd only
+    cfg.optimizer.lora_plus_ratio = _optional(None, float)  # LoRA+: B's lr = ratio x A's (None: plain LoRA)
 
     cfg.data = ml_collections.ConfigDict()
     cfg.data.name = "alpaca"  # "json" (local files at json_path) or a named set
@@ -429,6 +430,9 @@ def _check_optimizer(opt: ml_collections.ConfigDict, min_lr: float) -> None:
         raise ConfigError(f"optimizer.eps must be > 0, got {opt.eps}")
     if opt.momentum < 0:
         raise ConfigError(f"optimizer.momentum must be >= 0, got {opt.momentum}")
+    if opt.lora_plus_ratio is not None and not opt.lora_plus_ratio > 0:
+        raise ConfigError(f"optimizer.lora_plus_ratio must be > 0 (LoRA+ uses about 16; None: plain LoRA), "
+                          f"got {opt.lora_plus_ratio}")
 
 
 def _check_train(train: ml_collections.ConfigDict, model_block_size: int | None) -> None:

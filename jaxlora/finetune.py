@@ -100,7 +100,7 @@ def finetune(cfg) -> FitResult:
     tx, schedule = make_optimizer(
         o.name, lr=o.lr, total_steps=total_steps, weight_decay=o.weight_decay, betas=tuple(o.betas), eps=o.eps,
         momentum=o.momentum, nesterov=o.nesterov, warmup_steps=t.lr_warmup_steps,
-        warmup_fraction=t.lr_warmup_fraction, min_lr=t.min_lr, max_norm=t.max_norm,
+        warmup_fraction=t.lr_warmup_fraction, min_lr=t.min_lr, max_norm=t.max_norm, lora_plus_ratio=o.lora_plus_ratio,
         multisteps=accum if t.grad_accumulation == "multisteps" else None)
 
     state = init_train_state(lora_params, tx)

@@ -6,12 +6,17 @@ the cosine ends at `min_lr`. The first optimizer step runs at lr 0 when there is
 
 Weight decay: `adamw`, `lion`, `adafactor` decay decoupled (scaled by the lr); `adam` and `sgd`
 add `weight_decay * param` to the gradient (torch.optim.Adam / SGD semantics).
+
+LoRA+ (Hayou et al. 2024, `lora_plus_ratio`): LoRA B (and DoRA's magnitude vectors, as PEFT's
+`create_loraplus_optimizer` groups 1-D params with B) learn at ratio x the lr. Every optimizer's
+update is linear in its lr, so this scales those params' updates by the ratio after the optimizer.
 """
 
 from __future__ import annotations
 
 import math
 
+import jax
 import optax
 
 from jaxlora.errors import ConfigError
@@ -64,15 +69,30 @@ def _base_optimizer(name: str, schedule: optax.Schedule, *, weight_decay: float,
     raise ConfigError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
 
 
+LORA_PLUS_PARAMS = ("lora_b", "magnitude")  # the params LoRA+ speeds up, by their names in the LoRA pytree
+
+
+def lora_plus(ratio: float) -> optax.GradientTransformation:
+    """Scale the updates of LORA_PLUS_PARAMS by `ratio` (stateless)."""
+
+    def update(updates, state, params=None):
+        del params
+        faster = lambda path, u: u * ratio if getattr(path[-1], "key", None) in LORA_PLUS_PARAMS else u  # noqa: E731
+        return jax.tree_util.tree_map_with_path(faster, updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def make_optimizer(name: str = "adamw", *, lr: float, total_steps: int, weight_decay: float = 0.0,
                    betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, momentum: float = 0.0,
                    nesterov: bool = False, warmup_steps: int | None = None, warmup_fraction: float | None = None,
-                   min_lr: float = 0.0, max_norm: float | None = None,
+                   min_lr: float = 0.0, max_norm: float | None = None, lora_plus_ratio: float | None = None,
                    multisteps: int | None = None) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """-> (optimizer, schedule). `schedule(k)` is the lr of the (k+1)-th optimizer step.
 
     name: one of OPTIMIZERS (case-insensitive, so LitGPT's "AdamW" works).
     max_norm: clip the gradient's global norm to this before the update (None: no clipping).
+    lora_plus_ratio: LoRA+'s lr ratio of B (and DoRA magnitudes) to A (None: 1, plain LoRA).
     multisteps: wrap in `optax.MultiSteps(every_k_schedule=multisteps)`, which averages that many
       per-micro-batch mean gradients before one update (see `step.make_train_step(mode="multisteps")`).
     """
@@ -82,6 +102,10 @@ def make_optimizer(name: str = "adamw", *, lr: float, total_steps: int, weight_d
                              min_lr=min_lr)
     tx = _base_optimizer(name.lower(), schedule, weight_decay=weight_decay, betas=tuple(betas), eps=eps,
                          momentum=momentum, nesterov=nesterov)
+    if lora_plus_ratio is not None:
+        if lora_plus_ratio <= 0:
+            raise ConfigError(f"optimizer.lora_plus_ratio must be > 0 (LoRA+ papers use 16), got {lora_plus_ratio}")
+        tx = optax.chain(tx, lora_plus(lora_plus_ratio))
     if max_norm is not None:
         tx = optax.chain(optax.clip_by_global_norm(max_norm), tx)
     if multisteps is not None:
