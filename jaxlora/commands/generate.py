@@ -236,7 +236,7 @@ def evaluate(argv: Sequence[str]) -> None:
     if tokens == 0:
         raise ConfigError(f"the {args.split} split has no labelled tokens to score")
     loss = loss_sum / tokens
-    print(f"{args.split} loss {loss:.4f}, perplexity {math.exp(min(loss, 700.0)):.3f} "
+    print(f"{args.split} loss {loss:.6g}, perplexity {math.exp(min(loss, 700.0)):.6g} "
           f"({tokens} tokens, {min(rows, len(examples))} examples)")
 
 
