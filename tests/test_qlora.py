@@ -124,3 +124,62 @@ def test_bf16_accumulation_step_with_remat_trains_the_adapters(base_dir):
             losses[remat].append(float(metrics["loss"]))
     assert all(np.isfinite(losses["none"])) and losses["none"][-1] < losses["none"][0]
     np.testing.assert_allclose(losses["block"], losses["none"], rtol=1e-6)
+
+
+_MESH_SCRIPT = r"""
+import tempfile
+from pathlib import Path
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import PartitionSpec as P
+from _multidevice_helpers import CONFIG, write_tiny_llama
+from jaxlora import load_model
+from jaxlora.models.lora import LoRAConfig, split_lora
+from jaxlora.training import sharding as sh
+from jaxlora.training.optim import make_optimizer
+from jaxlora.training.step import init_train_state, make_train_step
+
+base_dir = write_tiny_llama(Path(tempfile.mkdtemp()) / "base")
+lora = LoRAConfig(r=4, alpha=8, query=True, value=True, mlp=True)
+ids = np.random.default_rng(0).integers(0, CONFIG["vocab_size"], (2, 4, 12)).astype(np.int32)
+labels = ids.copy(); labels[..., :2] = -100
+
+def losses(shape, devices):
+    mesh = sh.make_mesh(shape, devices)
+    model = load_model(base_dir, lora=lora, quantize="bnb.nf4-dq", mesh=mesh)
+    graphdef, lora_params, base = split_lora(model)
+    tx, _ = make_optimizer("sgd", lr=0.5, total_steps=4)
+    state = init_train_state(lora_params, tx)
+    state_sharding = sh.train_state_shardings(state, sh.param_shardings(lora_params, mesh), tx)
+    state = jax.device_put(state, state_sharding)
+    step = make_train_step(graphdef, tx, accum_steps=2, chunk_size=8, state_sharding=state_sharding)
+    batch = {"input_ids": sh.global_batch_from_local(ids, mesh), "labels": sh.global_batch_from_local(labels, mesh)}
+    out = []
+    for i in range(2):
+        state, m = step(state, base, batch, sh.replicate(jax.random.key(i), mesh))
+        out.append(float(m["loss"]))
+    return out, base
+
+one, _ = losses((1, 1, 1), jax.devices()[:1])
+got, base = losses((1, 2, 2), jax.devices())
+np.testing.assert_allclose(got, one, rtol=1e-5)
+q = base["blocks"]["attn"]["q"]["kernel"]
+codes, scales = q["codes"][...], q["absmax_codes"][...]
+assert codes.dtype == jnp.uint8 and codes.sharding.spec == P(None, "fsdp", "tensor"), codes.sharding.spec
+assert codes.addressable_shards[0].data.shape == (2, 16, 16)  # [layers, 64/2 packed inputs / fsdp, 32 / tensor]
+assert scales.sharding.spec == P(None, None, "tensor"), scales.sharding.spec  # one 64-block along inputs: whole
+print("ok", one, got)
+"""
+
+
+def test_quantized_base_shards_and_trains_like_one_device(tmp_path):
+    """On a (data 1, fsdp 2, tensor 2) mesh of 4 CPU devices: the packed codes and scales of an NF4-dq base
+    are sharded along the kernel's own axes as they are loaded, and two accumulation steps give the
+    one-device losses (f32: 1e-5, sums in another order)."""
+    import subprocess
+    import sys
+
+    from _multidevice_helpers import subprocess_env
+
+    result = subprocess.run([sys.executable, "-c", _MESH_SCRIPT], env=subprocess_env(4), capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]

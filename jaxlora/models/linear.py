@@ -79,7 +79,8 @@ class QuantizedKernel(nnx.Module):
         self.fmt, self.in_features = fmt, shape[-2]
         self.names = tuple(quant.fields(fmt, shape, axes))
         for name, field in quant.fields(fmt, shape, axes).items():
-            setattr(self, name, nnx.Param(jnp.zeros(field.shape, field.dtype), **logical_axes(field.axes)))
+            # a scalar per kernel (the -dq offset) has no axis to name: None, so stacking adds none either
+            setattr(self, name, nnx.Param(jnp.zeros(field.shape, field.dtype), **logical_axes(field.axes or None)))
 
     def arrays(self) -> dict[str, jax.Array]:
         return {name: getattr(self, name)[...] for name in self.names}
