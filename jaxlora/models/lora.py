@@ -122,10 +122,24 @@ def lora_layers(model: nnx.Module) -> Iterator[tuple[tuple, Linear]]:
 
 
 def init_magnitudes(model: nnx.Module) -> None:
-    """Set every DoRA magnitude to its layer's column norms (after the frozen weights are in place)."""
-    for _, layer in lora_layers(model):
-        if isinstance(layer.adapter, DoRA):
-            layer.adapter.init_magnitude(layer.weight(jnp.float32, model.wte[...] if layer.kernel is None else None))
+    """Set every DoRA magnitude to its layer's column norms (after the frozen weights are in place).
+
+    Stacked block layers are done one layer at a time (`lax.map`), so no more than one layer's kernel
+    is ever dequantised or upcast to fp32."""
+    for path, layer in lora_layers(model):
+        if not isinstance(layer.adapter, DoRA):
+            continue
+        tied = model.wte[...] if layer.kernel is None else None
+        if path[0] != "blocks":
+            layer.adapter.init_magnitude(layer.weight(jnp.float32, tied))
+            continue
+        graphdef, state = nnx.split(layer)
+
+        def column_norm(state):
+            one = nnx.merge(graphdef, state)
+            return one.adapter.column_norm(one.weight(jnp.float32))
+
+        layer.adapter.magnitude[...] = jax.jit(lambda state: jax.lax.map(column_norm, state))(state)
 
 
 def split_lora(model: nnx.Module):

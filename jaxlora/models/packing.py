@@ -11,7 +11,7 @@ nothing on any backend, so:
 - `to_storage` turns a 16-bit float array into its bits (bf16 -> uint16, fp16 -> int16) before the
   scan slices it, and `from_storage` turns it back where it is used;
 - `checkpoint` is `jax.checkpoint` of a function whose saved inputs are kept as bits;
-- `lora.matmul` keeps its saved operands as bits.
+- `linear.matmul` keeps its saved operands as bits.
 
 Other dtypes pass through unchanged. The storage dtype names the float type, so decoding needs no
 side information.
