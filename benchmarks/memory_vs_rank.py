@@ -1,12 +1,13 @@
-"""Memory of a LoRA train step against LoRA rank, for real model sizes, from abstract compiles.
+"""Memory of a LoRA or QLoRA train step against LoRA rank, for real model sizes, from abstract compiles.
 
 The step is the real one (`make_train_step`: the recipe's micro-batches, chunked fp32 loss, AdamW
 on the LoRA params), lowered from abstract shapes (`nnx.eval_shape`, `jax.ShapeDtypeStruct`; no
 weights allocated) and compiled; its memory is `argument + temp + (output - alias)` of
-`memory_analysis()`. Per row: frozen weights, LoRA params and optimizer state (exact pytree sizes),
-floor = their sum, activations = compiled total - floor (activations, temporaries, gradients,
-batch), total. r=0 has nothing to train: its row is a forward pass with the loss (XLA drops the
-backward), the frozen model's floor.
+`memory_analysis()`. Per row: frozen weights (with `--quantize`: the quantized kernels' codes and
+scales, and the params kept in the param dtype: embedding, norms, router, head), LoRA params and
+optimizer state (exact pytree sizes), floor = their sum, activations = compiled total - floor
+(activations, temporaries, gradients, batch), total. r=0 has nothing to train: its row is a forward
+pass with the loss (XLA drops the backward), the frozen model's floor.
 
 CPU and 16-bit precisions: XLA's CPU backend computes every bf16 op but dots in f32, with f32
 temporaries a GPU does not need (the stacked weights and saved activations no longer get f32
@@ -24,14 +25,17 @@ either, llama-3.2-1B's activations read 1.39 GB instead of 1.10).
 
 Default run: every config-hub recipe at its own settings (remat none, and the est. under the
 `--compare-remat` policies), and a rank sweep (0..256) for three models; writes
-benchmarks/results/memory_vs_rank.{csv,md,png}; `--write` appends RESULTS.md.
+benchmarks/results/memory_vs_rank.{csv,md,png}; `--write` appends RESULTS.md. `--quantize` takes
+every setting from the QLoRA recipes instead (`configs/finetune/<name>/qlora.py`: r, alpha, targets,
+micro-batch, precision and quantize format; FMT, e.g. int8, replaces the recipe's format), compares
+with LitGPT's qlora.yaml peaks and writes memory_vs_rank_qlora.{csv,md,png}.
 `--verify NAME` also runs two real steps of NAME in a subprocess and compares its peak RSS with
 the prediction.
 
     python benchmarks/memory_vs_rank.py [--models RECIPE ...] [--sweep-models NAME ...] [--ranks R ...]
         [--targets recipe|all|query,value,...] [--precision P] [--micro-batch N] [--seq-length T]
         [--accum-steps N] [--remat none|block|POLICY] [--compare-remat POLICY ...]
-        [--accumulation scan|multisteps]
+        [--accumulation scan|multisteps] [--quantize [FMT]]
         [--cpu-native] [--verify NAME] [--write]
 """
 
@@ -58,6 +62,8 @@ from flax import nnx  # noqa: E402
 import jaxlora  # noqa: E402
 from _results import append_section, machine  # noqa: E402
 from jaxlora.config import load_config  # noqa: E402
+from jaxlora.models import quant  # noqa: E402
+from jaxlora.models.linear import linear_layers  # noqa: E402
 from jaxlora.models.lora import LORA_TARGETS  # noqa: E402
 from jaxlora.training.metrics import compiled_memory_bytes  # noqa: E402
 from jaxlora.training.optim import make_optimizer  # noqa: E402
@@ -68,17 +74,18 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).with_name("results")
 GB = 1e9
 
-# config-hub recipe -> (ModelConfig preset, LitGPT's peak memory for its LoRA recipe on 1x A10G, bf16-true,
-# from LitGPT's config_hub/finetune/README.md; "OOM" = did not fit 24 GB; None = not reported).
+# config-hub recipe -> (ModelConfig preset, LitGPT's peak memory for its lora.yaml, for its qlora.yaml) on
+# 1x A10G, bf16-true, from LitGPT's config_hub/finetune/README.md; "OOM" = did not fit 24 GB; None = not reported.
 RECIPES = {
-    "falcon-7b": ("falcon-7b", 16.69), "gemma-2b": ("gemma-2b", 12.62), "gemma-7b": ("gemma-7b", "OOM"),
-    "gemma2-2b": ("gemma-2-2b", None), "gemma2-9b": ("gemma-2-9b", "OOM"), "llama-2-7b": ("Llama-2-7b-hf", 19.77),
-    "llama-3-8b": ("Meta-Llama-3-8B", 19.73), "llama-3.1-8b": ("Llama-3.1-8B", 19.73),
-    "llama-3.2-1B": ("Llama-3.2-1B", 4.49), "llama-3.2-3B": ("Llama-3.2-3B", None),
-    "mistral-7b": ("Mistral-7B-v0.1", 20.66), "mistral-7b-v0.2": ("Mistral-7B-v0.2", 20.66),
-    "phi-2": ("phi-2", 13.98), "phi-3": ("Phi-3-mini-4k-instruct", 19.75),
-    "stablelm-base-alpha-3b": ("stablelm-base-alpha-3b", 8.58),
-    "tiny-llama": ("TinyLlama-1.1B-intermediate-step-1431k-3T", 13.50),
+    "falcon-7b": ("falcon-7b", 16.69, 9.44), "gemma-2b": ("gemma-2b", 12.62, 11.58),
+    "gemma-7b": ("gemma-7b", "OOM", 17.18), "gemma2-2b": ("gemma-2-2b", None, None),
+    "gemma2-9b": ("gemma-2-9b", "OOM", 20.92), "llama-2-7b": ("Llama-2-7b-hf", 19.77, 13.68),
+    "llama-3-8b": ("Meta-Llama-3-8B", 19.73, 17.41), "llama-3.1-8b": ("Llama-3.1-8B", 19.73, 17.41),
+    "llama-3.2-1B": ("Llama-3.2-1B", 4.49, None), "llama-3.2-3B": ("Llama-3.2-3B", None, None),
+    "mistral-7b": ("Mistral-7B-v0.1", 20.66, 14.29), "mistral-7b-v0.2": ("Mistral-7B-v0.2", 20.66, 14.29),
+    "phi-2": ("phi-2", 13.98, 14.27), "phi-3": ("Phi-3-mini-4k-instruct", 19.75, 19.13),
+    "stablelm-base-alpha-3b": ("stablelm-base-alpha-3b", 8.58, 5.24),
+    "tiny-llama": ("TinyLlama-1.1B-intermediate-step-1431k-3T", 13.50, 16.24),
 }
 # jaxlora's own recipes (families the config hub does not cover): no LitGPT figure to compare with
 OWN_RECIPES = {
@@ -90,11 +97,13 @@ OWN_RECIPES = {
 SWEEP_MODELS = ("llama-3.2-1B", "phi-2", "llama-2-7b")
 SWEEP_RANKS = (0, 4, 8, 16, 32, 64, 128, 256)
 COMPARE_REMAT = ("dots_with_no_batch_dims_saveable", "block")
+RECIPE = "recipe"  # --quantize without FMT: the format of each qlora.py recipe
 
 
 @dataclasses.dataclass(frozen=True)
 class Setting:
-    """One train step to measure: a model, its LoRA adapter and the step's shapes and policies."""
+    """One train step to measure: a model, its LoRA adapter, its frozen weights' format and the step's
+    shapes and policies."""
 
     name: str  # recipe or preset name
     model: str  # preset name
@@ -107,16 +116,19 @@ class Setting:
     precision: str
     remat: str
     mode: str
+    quantize: str | None  # a `models.quant` format for the block kernels (QLoRA); None: param dtype (LoRA)
 
     def lora(self) -> jaxlora.LoRAConfig:
         return jaxlora.LoRAConfig(r=self.rank, alpha=self.alpha, **{t: t in self.targets for t in LORA_TARGETS})
 
 
 def recipe_setting(name: str, args: argparse.Namespace, rank: int | None, remat: str) -> Setting:
-    """The setting of recipe `name`, with the command line's overrides; a preset name that is no recipe
-    gets the llama-2-7b recipe's settings (LoRA on query and value, r=32, micro-batch 2)."""
-    path = ROOT / "configs" / "finetune" / name / "lora.py"
-    cfg = load_config(path if path.is_file() else ROOT / "configs" / "finetune" / "llama-2-7b" / "lora.py")
+    """The setting of recipe `name` (its lora.py, with `--quantize` its qlora.py), with the command line's
+    overrides; a preset name that is no recipe gets the llama-2-7b recipe's settings (LoRA on query and
+    value, r=32, micro-batch 2)."""
+    file = "lora.py" if args.quantize is None else "qlora.py"
+    path = ROOT / "configs" / "finetune" / name / file
+    cfg = load_config(path if path.is_file() else ROOT / "configs" / "finetune" / "llama-2-7b" / file)
     model = RECIPES[name][0] if name in RECIPES else OWN_RECIPES.get(name, name)
     jaxlora.ModelConfig.from_name(model)  # fails early, listing the known names
     targets = tuple(t for t in LORA_TARGETS if cfg[f"lora_{t}"])
@@ -129,21 +141,31 @@ def recipe_setting(name: str, args: argparse.Namespace, rank: int | None, remat:
         name=name, model=model, rank=cfg.lora_r if rank is None else rank, targets=targets,
         alpha=cfg.lora_alpha, micro_batch=micro, seq_length=args.seq_length or cfg.train.max_seq_length,
         accum_steps=args.accum_steps or max(1, cfg.train.global_batch_size // micro),
-        precision=args.precision or cfg.precision, remat=remat, mode=args.accumulation)
+        precision=args.precision or cfg.precision, remat=remat, mode=args.accumulation,
+        quantize=quant.resolve(cfg.quantize if args.quantize in (None, RECIPE) else args.quantize))
 
 
 def nbytes(tree) -> int:
     return sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 
-def abstract_step(s: Setting, precision: str):
-    """-> (jitted step, its abstract arguments, abstract base params, abstract train state)."""
+def abstract_model(s: Setting, precision: str) -> jaxlora.GPT:
+    """The model of `s` in `precision`'s dtypes, from abstract shapes (no weights allocated)."""
     policy = POLICIES[precision]
     config = jaxlora.ModelConfig.from_name(s.model)
-    model = nnx.eval_shape(lambda: jaxlora.GPT(config, s.lora(), param_dtype=policy.param_dtype,
-                                               compute_dtype=policy.compute_dtype, remat=s.remat,
-                                               rngs=nnx.Rngs(0)))
-    graphdef, lora, base = jaxlora.split_lora(model)
+    return nnx.eval_shape(lambda: jaxlora.GPT(config, s.lora(), param_dtype=policy.param_dtype,
+                                              compute_dtype=policy.compute_dtype, quantize=s.quantize,
+                                              remat=s.remat, rngs=nnx.Rngs(0)))
+
+
+def quantized_bytes(model: jaxlora.GPT) -> int:
+    """Bytes of the model's quantized kernels (codes and scales); the rest of its frozen params is float."""
+    return sum(nbytes(nnx.state(layer.kernel)) for _, layer in linear_layers(model) if layer.quantized)
+
+
+def abstract_step(s: Setting, precision: str):
+    """-> (jitted step, its abstract arguments, abstract base params, abstract train state)."""
+    graphdef, lora, base = jaxlora.split_lora(abstract_model(s, precision))
     tx, _ = make_optimizer("adamw", lr=2e-4, total_steps=1000, weight_decay=0.02,
                            multisteps=s.accum_steps if s.mode == "multisteps" else None)
     state = jax.eval_shape(lambda p: init_train_state(p, tx), lora)
@@ -171,14 +193,15 @@ def measure(s: Setting, cpu_native: bool = False) -> dict:
     seconds = time.perf_counter() - t0
     lora, opt = nbytes(state.lora), nbytes(state.opt_state)
     act = total_m - (nbytes(base_m) + lora + opt)
-    frozen = nbytes(abstract_step(s, s.precision)[2]) if measured_in != s.precision else nbytes(base_m)
+    model = abstract_model(s, s.precision)
+    frozen = nbytes(jaxlora.split_lora(model)[2])
     floor = frozen + lora + opt
     scale = POLICIES[s.precision].compute_dtype.itemsize / POLICIES[measured_in].compute_dtype.itemsize
-    litgpt = RECIPES.get(s.name, (None, None))[1]
+    litgpt = RECIPES.get(s.name, (None, None, None))[1 if s.quantize is None else 2]
     return dict(dataclasses.asdict(s), targets="+".join(s.targets), measured_in=measured_in,
                 backend=jax.default_backend(), n_lora=sum(x.size for x in jax.tree.leaves(state.lora)),
-                frozen=frozen, lora=lora, opt=opt, floor=floor, act=act, total=floor + act,
-                est=floor + round(act * scale), litgpt_gb=litgpt, compile_s=round(seconds, 1))
+                frozen=frozen, quantized=quantized_bytes(model), lora=lora, opt=opt, floor=floor, act=act,
+                total=floor + act, est=floor + round(act * scale), litgpt_gb=litgpt, compile_s=round(seconds, 1))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -235,21 +258,36 @@ def gb(x) -> str:
     return f"{x / GB:.2f}"
 
 
+def ratio(est: int, litgpt) -> str:
+    """est / LitGPT's figure, or "-" where LitGPT has none (not reported, OOM)."""
+    return f"{est / GB / litgpt:.2f}" if isinstance(litgpt, float) else "-"
+
+
+def frozen_cells(r: dict, quantized: bool) -> str:
+    """The frozen weights' cells of row `r`: their GB, split into quantized kernels and float params
+    when the table has quantized rows."""
+    if not quantized:
+        return f" {gb(r['frozen'])} |"
+    return f" {r['quantize'] or '-'} | {gb(r['quantized'])} | {gb(r['frozen'] - r['quantized'])} |"
+
+
 def recipe_table(rows: list[dict], compare: dict[str, list[dict]]) -> list[str]:
     """One line per recipe: the breakdown of `rows`, then the est. of each `compare` remat policy."""
+    quantized = any(r["quantize"] for r in rows)
+    frozen = " quantize | quantized GB | float GB |" if quantized else " frozen GB |"
     extra = "".join(f" est. GB remat {p} |" for p in compare)
-    lines = ["| recipe | model | LoRA targets | r | micro x seq x accum | LoRA params | frozen GB | LoRA+opt GB | "
-             f"floor GB | act GB | total GB | est. GB |{extra} LitGPT A10G GB | best est. / LitGPT |",
-             "|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * len(compare) + "---:|---:|"]
+    lines = [f"| recipe | model | LoRA targets | r | micro x seq x accum | LoRA params |{frozen} LoRA+opt GB | "
+             f"floor GB | act GB | total GB | est. GB |{extra} LitGPT A10G GB | est. / LitGPT | best est. / LitGPT |",
+             "|---|---|---|---:|---|---:|" + ("---|---:|---:|" if quantized else "---:|") + "---:|" * 5 +
+             "---:|" * len(compare) + "---:|---:|---:|"]
     for i, r in enumerate(rows):
         ests = [r["est"]] + [c[i]["est"] for c in compare.values()]
         lit = r["litgpt_gb"]
-        ratio = f"{min(ests) / GB / lit:.2f}" if isinstance(lit, float) else "-"
         lines.append(f"| {r['name']} | {r['model']} | {r['targets']} | {r['rank']} | {r['micro_batch']} x "
-                     f"{r['seq_length']} x {r['accum_steps']} | {r['n_lora']:,} | {gb(r['frozen'])} | "
+                     f"{r['seq_length']} x {r['accum_steps']} | {r['n_lora']:,} |{frozen_cells(r, quantized)} "
                      f"{gb(r['lora'] + r['opt'])} | {gb(r['floor'])} | {gb(r['act'])} | {gb(r['total'])} | "
                      f"{gb(r['est'])} |" + "".join(f" {gb(e)} |" for e in ests[1:]) +
-                     f" {lit if lit is not None else 'n/r'} | {ratio} |")
+                     f" {lit if lit is not None else 'n/r'} | {ratio(r['est'], lit)} | {ratio(min(ests), lit)} |")
     return lines
 
 
@@ -274,7 +312,8 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.set_xticks(range(len(ranks)), [str(k) for k in ranks])
     ax.set_xlabel("LoRA rank")
     ax.set_ylabel("train step memory, GB (est.)")
-    ax.set_title(f"LoRA step memory vs rank ({rows[0]['precision']}, remat {rows[0]['remat']}, "
+    method = f"QLoRA ({rows[0]['quantize']})" if rows[0]["quantize"] else "LoRA"
+    ax.set_title(f"{method} step memory vs rank ({rows[0]['precision']}, remat {rows[0]['remat']}, "
                  f"{jax.default_backend()} compile)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -297,12 +336,17 @@ def main() -> None:
     parser.add_argument("--compare-remat", nargs="*", default=list(COMPARE_REMAT),
                         help="recipes only: also the est. under these remat policies")
     parser.add_argument("--accumulation", choices=["scan", "multisteps"], default="scan")
+    parser.add_argument("--quantize", nargs="?", const=RECIPE, metavar="FMT",
+                        help="QLoRA: every setting from the qlora.py recipes, frozen kernels in FMT (default: the "
+                        f"recipe's; one of {', '.join(sorted(quant.QUANTIZE))})")
     parser.add_argument("--cpu-native", action="store_true", help="on CPU, compile 16-bit policies as they are")
     parser.add_argument("--verify", metavar="NAME", help="also run real steps of NAME and compare peak RSS")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--write", action="store_true", help="append the tables to benchmarks/RESULTS.md")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.quantize not in (None, RECIPE):
+        quant.resolve(args.quantize)  # fails early, listing the known formats
 
     if args.child:
         fields, precision = json.loads(args.child)
@@ -327,25 +371,28 @@ def main() -> None:
         checks = verify(s, tuple(dict.fromkeys((measure_precision(s, args.cpu_native), s.precision))))
 
     args.out.mkdir(parents=True, exist_ok=True)
+    stem = "memory_vs_rank" if args.quantize is None else "memory_vs_rank_qlora"
     rows = recipes + [r for c in compare.values() for r in c] + sweep
     if rows:
-        with open(args.out / "memory_vs_rank.csv", "w", newline="") as f:
+        with open(args.out / f"{stem}.csv", "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)
     if sweep:
-        plot(sweep, args.out / "memory_vs_rank.png")
+        plot(sweep, args.out / f"{stem}.png")
     backend = f"{jax.default_backend()} ({jax.devices()[0].device_kind})"
     header = (f"Backend: {backend}; {machine()}. "
               f"Command: `python benchmarks/memory_vs_rank.py {' '.join(sys.argv[1:])}`.")
     parts = [header]
+    recipe_file = "lora.py" if args.quantize is None else "qlora.py"
     if recipes:
-        parts += ["", f"Config-hub recipes at their own settings ({recipes[0]['precision']}; breakdown for remat "
-                  f"{args.remat}; act measured in {recipes[0]['measured_in']}):", "", *recipe_table(recipes, compare)]
+        parts += ["", f"Config-hub {recipe_file} recipes at their own settings ({recipes[0]['precision']}; breakdown "
+                  f"for remat {args.remat}; act measured in {recipes[0]['measured_in']}):", "",
+                  *recipe_table(recipes, compare)]
     if sweep:
-        parts += ["", f"Rank sweep ({sweep[0]['precision']}, targets: {args.targets}, remat {args.remat}; act measured "
-                  f"in {sweep[0]['measured_in']}):", "", *sweep_table(sweep),
-                  "", "![memory vs rank](results/memory_vs_rank.png)"]
+        parts += ["", f"Rank sweep ({recipe_file} settings, {sweep[0]['precision']}, targets: {args.targets}, remat "
+                  f"{args.remat}; act measured in {sweep[0]['measured_in']}):", "", *sweep_table(sweep),
+                  "", f"![memory vs rank](results/{stem}.png)"]
     if checks:
         parts += ["", f"Real run of `{args.verify}` ({s.micro_batch} x {s.seq_length} x {s.accum_steps}, remat "
                   f"{s.remat}, 2 steps; measured = peak RSS - RSS after compiling):", "",
@@ -353,10 +400,10 @@ def main() -> None:
         parts += [f"| {c['precision']} | {gb(c['predicted'])} | {gb(c['measured'])} | {c['error']:+.1%} | "
                   f"{c['step_s']:.1f} |" for c in checks]
     text = "\n".join(parts)
-    (args.out / "memory_vs_rank.md").write_text(text + "\n")
+    (args.out / f"{stem}.md").write_text(text + "\n")
     print("\n" + text)
     if args.write:
-        append_section("Memory vs LoRA rank", text)
+        append_section("Memory vs LoRA rank" if args.quantize is None else "QLoRA memory", text)
 
 
 if __name__ == "__main__":
