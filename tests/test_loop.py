@@ -248,7 +248,7 @@ def test_finetune_job_end_to_end_and_resume(tmp_path, monkeypatch, caplog):
                "red green blue cat dog fish sun moon one two three four".split()]
     write_json(tmp_path / "data.json", records)
 
-    def fake_load_model(path, *, dtype, compute_dtype, lora, remat, quantize=None, mesh=None):
+    def fake_load_model(path, *, dtype, compute_dtype, lora, remat, quantize=None, mesh=None, attention_impl="auto"):
         return GPT(ModelConfig.from_hf_config(path), lora, param_dtype=dtype, compute_dtype=compute_dtype,
                    remat=remat, rngs=nnx.Rngs(0))
 

@@ -1,7 +1,9 @@
 """Deterministic, resumable batches of tokenized examples, one global batch per optimizer step.
 
 ``BatchIterator`` yields, forever, ``{"input_ids": int32 [local_batch, length], "labels": int32
-[local_batch, length]}`` where ``local_batch = global_batch_size / process_count``:
+[local_batch, length], "segment_ids": int32 [local_batch, length]}`` where ``local_batch =
+global_batch_size / process_count``; segment_ids are 1 on an example's tokens and 0 on padding, or,
+for packed rows (`data.packed`), the rows' own (1, 2, ... per example):
 
 * Order: epoch ``e`` visits the examples in a permutation drawn from ``(seed, e)`` (or in order
   with ``shuffle=False``); batch ``i`` of the epoch is permutation entries
@@ -105,8 +107,9 @@ class BatchIterator:
                 f"The data position index {index} is outside an epoch of {self.steps_per_epoch} batches; "
                 "the dataset or the global batch size changed since it was saved."
             )
-        # Example lengths as they will be placed in a row (cut at seq_len).
-        self._lengths = np.minimum([len(example["input_ids"]) for example in dataset], seq_len)
+        # Example lengths as they will be placed in a row (cut at seq_len); a packed row's: its tokens
+        self._lengths = np.minimum([int((e["segment_ids"] > 0).sum()) if "segment_ids" in e else len(e["input_ids"])
+                                    for e in dataset], seq_len)
         self._order_epoch: int | None = None
         self._order = np.empty(0, dtype=np.int64)
         self._total_tokens = 0
@@ -161,7 +164,7 @@ class BatchIterator:
         local_rows = global_rows[start : start + self.local_batch_size]
         input_ids = np.full((self.local_batch_size, width), self.pad_id, dtype=np.int32)
         labels = np.full((self.local_batch_size, width), self.ignore_index, dtype=np.int32)
-        filled = 0
+        segment_ids = np.zeros((self.local_batch_size, width), dtype=np.int32)
         for row, example_index in enumerate(local_rows):
             if example_index == _PAD_ROW:
                 continue
@@ -169,13 +172,13 @@ class BatchIterator:
             n = min(len(example["input_ids"]), width)
             input_ids[row, :n] = example["input_ids"][:n]
             labels[row, :n] = example["labels"][:n]
-            filled += n
+            segment_ids[row, :n] = example["segment_ids"][:n] if "segment_ids" in example else 1
         self._total_tokens += input_ids.size
-        self._padded_tokens += input_ids.size - filled
+        self._padded_tokens += int((segment_ids == 0).sum())
         self.index += 1
         if self.index == self.steps_per_epoch:
             self.epoch, self.index = self.epoch + 1, 0
-        return {"input_ids": input_ids, "labels": labels}
+        return {"input_ids": input_ids, "labels": labels, "segment_ids": segment_ids}
 
 
 def eval_batches(

@@ -16,6 +16,7 @@ attending to itself (query slots = key slots = 0..t-1), so only the masks and th
 
 from __future__ import annotations
 
+import logging
 import math
 
 import flax.struct
@@ -24,10 +25,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxlora.errors import ConfigError
 from jaxlora.models.config import ModelConfig
 from jaxlora.models import packing, rope
 from jaxlora.models.linear import Linear, logical_axes
 from jaxlora.models.lora import LoRAConfig, init_magnitudes
+
+log = logging.getLogger(__name__)
 
 # "none", "block" (remat each block, save nothing), or one of jax.checkpoint_policies' ready-made policies
 REMAT_CHOICES = ("none", "block", "checkpoint_dots", "checkpoint_dots_with_no_batch_dims", "dots_saveable",
@@ -129,9 +133,43 @@ def attention_masks(query_slots: jax.Array, key_valid: jax.Array) -> tuple[jax.A
     return mask, distance
 
 
+def segment_positions(segment_ids: jax.Array) -> jax.Array:
+    """int [b, t]: each token's index within its segment (a run of equal segment ids)."""
+    t = segment_ids.shape[1]
+    slots = jnp.arange(t)[None, :]
+    starts = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]],
+                             axis=1)
+    return slots - jax.lax.cummax(jnp.where(starts, slots, 0), axis=1)
+
+
+ATTENTION_IMPLS = ("auto", "xla", "cudnn")  # `jax.nn.dot_product_attention` implementations; auto: per backend
+
+
+def attention_implementation(requested: str, config: ModelConfig, compute_dtype, backend: str | None = None) -> str:
+    """The implementation `Attention` uses: "xla" or "cudnn" (cuDNN's fused attention: GPU, 16-bit, no
+    soft-capping, head size a multiple of 8 up to 128). "auto" takes cuDNN where it applies; a requested
+    "cudnn" that cannot serve this model falls back to "xla" with one log line."""
+    if requested not in ATTENTION_IMPLS:
+        raise ConfigError(f"model.attention_impl must be one of {', '.join(ATTENTION_IMPLS)}, got {requested!r}")
+    backend = backend or jax.default_backend()
+    reasons = [why for bad, why in (
+        (backend != "gpu", f"the backend is {backend}"),
+        (jnp.dtype(compute_dtype).itemsize != 2, f"it computes in {jnp.dtype(compute_dtype).name}"),
+        (config.attention_logit_softcapping is not None, "its attention scores are soft-capped"),
+        (config.head_size % 8 or config.head_size > 128, f"its head size is {config.head_size}")) if bad]
+    if requested == "xla" or (requested == "auto" and reasons):
+        return "xla"
+    if reasons:
+        log.info("model.attention_impl='cudnn' cannot serve this model (%s); using XLA attention", "; ".join(reasons))
+        return "xla"
+    return "cudnn"
+
+
 class Attention(nnx.Module):
-    def __init__(self, config: ModelConfig, lora: LoRAConfig, param_dtype, quantize, rngs: nnx.Rngs):
+    def __init__(self, config: ModelConfig, lora: LoRAConfig, param_dtype, quantize, rngs: nnx.Rngs,
+                 attention_impl: str = "xla"):
         c = config
+        self.attention_impl = attention_impl
         q_out, kv_out = c.n_head * c.head_size, c.n_query_groups * c.head_size
         qkv_bias = c.bias or c.attn_bias
 
@@ -186,7 +224,7 @@ class Attention(nnx.Module):
         return self.proj(y.reshape(b, t, self.n_head * self.head_size), dropout_key=k3), new_kv
 
     def _attention(self, q, k, v, mask):
-        return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=self.scale)
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=self.scale, implementation=self.attention_impl)
 
     def _softcapped_attention(self, q, k, v, mask):
         """Plain attention with tanh soft-capping of the scores (Gemma-2); scores in fp32.
@@ -274,12 +312,13 @@ class Block(nnx.Module):
     """Pre-norm (norm_1 / norm_2 on the inputs), optional post-norms on the attention and MLP outputs
     (both: Gemma 2/3; post only: OLMo 2), sequential or parallel residual (norm_2 None: shared norm)."""
 
-    def __init__(self, config: ModelConfig, lora: LoRAConfig, param_dtype, quantize, rngs: nnx.Rngs):
+    def __init__(self, config: ModelConfig, lora: LoRAConfig, param_dtype, quantize, rngs: nnx.Rngs,
+                 attention_impl: str = "xla"):
         c = config
         self.parallel_residual = c.parallel_residual
         self.residual_multiplier = c.residual_multiplier
         self.norm_1 = Norm(c.n_embd, c, param_dtype) if c.pre_norm else None
-        self.attn = Attention(c, lora, param_dtype, quantize, rngs)
+        self.attn = Attention(c, lora, param_dtype, quantize, rngs, attention_impl)
         self.post_attention_norm = Norm(c.n_embd, c, param_dtype) if c.post_attention_norm else None
         self.norm_2 = None if c.shared_attention_norm or not c.pre_norm else Norm(c.n_embd, c, param_dtype)
         self.mlp = MLP(c, lora, param_dtype, quantize, rngs)
@@ -311,10 +350,12 @@ class GPT(nnx.Module):
 
     def __init__(self, config: ModelConfig, lora: LoRAConfig = LoRAConfig(), *, param_dtype=jnp.float32,
                  compute_dtype=None, quantize: str | None = None, scan_layers: bool = True, remat: str = "none",
-                 rngs: nnx.Rngs):
+                 attention_impl: str = "auto", rngs: nnx.Rngs):
         """quantize: a `models.quant` format for every block's linear kernels (QLoRA); the embedding,
-        norms, router and head stay in `param_dtype`."""
+        norms, router and head stay in `param_dtype`. attention_impl: one of ATTENTION_IMPLS
+        (`attention_implementation`)."""
         c = config
+        impl = attention_implementation(attention_impl, c, compute_dtype or param_dtype)
         self.config, self.lora, self.quantize = c, lora, quantize
         self.compute_dtype = jnp.dtype(compute_dtype or param_dtype)
         self.scan_layers, self.remat = scan_layers, remat
@@ -324,7 +365,7 @@ class GPT(nnx.Module):
         @nnx.split_rngs(splits=c.n_layer)
         @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
         def make_blocks(rngs):
-            return Block(c, lora, param_dtype, quantize, rngs)
+            return Block(c, lora, param_dtype, quantize, rngs, impl)
 
         self.blocks = make_blocks(rngs)
         self.ln_f = Norm(c.n_embd, c, param_dtype)
@@ -338,12 +379,14 @@ class GPT(nnx.Module):
         return self.logits(self.hidden_states(input_ids, positions=positions, attention_mask=attention_mask,
                                               dropout_key=dropout_key))
 
-    def hidden_states(self, input_ids, *, positions=None, attention_mask=None, dropout_key=None,
+    def hidden_states(self, input_ids, *, positions=None, attention_mask=None, segment_ids=None, dropout_key=None,
                       batch_sharding=None):
         """Final-norm hidden states [b, t, n_embd] in the compute dtype.
 
         attention_mask: [b, t], 1 for real tokens, 0 for padding (left or right). positions default
-        to the count of real tokens before each one. dropout_key enables LoRA dropout (training).
+        to the count of real tokens before each one. segment_ids: int [b, t] instead, for packed rows:
+        a token attends only to earlier tokens of its own segment (padding is a segment of its own)
+        and positions restart at 0 in each segment. dropout_key enables LoRA dropout (training).
         batch_sharding: a sharding of the [b, t, n_embd] residual stream (batch split, width whole)
         imposed on the embedding output and on every block output, so that a mesh splits the batch
         and gathers weights rather than splitting the width (None: placement left to XLA).
@@ -351,8 +394,10 @@ class GPT(nnx.Module):
         b, t = input_ids.shape
         valid = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
         if positions is None:
-            positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0)
-        x, _ = self._blocks(input_ids, positions, jnp.arange(t), valid, dropout_key, batch_sharding=batch_sharding)
+            positions = (jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0) if segment_ids is None
+                         else segment_positions(segment_ids))
+        x, _ = self._blocks(input_ids, positions, jnp.arange(t), valid, dropout_key, batch_sharding=batch_sharding,
+                            segment_ids=segment_ids)
         return self.ln_f(x)
 
     def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
@@ -386,14 +431,17 @@ class GPT(nnx.Module):
         return self.logits(hidden), KVCache(k=k, v=v, valid=valid, index=cache.index + t)
 
     def _blocks(self, input_ids, positions, query_slots, key_valid, dropout_key, cache=None, index=None, *,
-                batch_sharding=None):
+                batch_sharding=None, segment_ids=None):
         """Embedding and all blocks -> (x [b, t, d] before the final norm, new k/v stacked over layers or None).
 
-        query_slots int [t] and key_valid bool [b, s] define the masks (`attention_masks`); cache:
-        None, or (k, v) [n_layer, b, s, n_kv, hs] read one layer at a time by the scan.
+        query_slots int [t] and key_valid bool [b, s] define the masks (`attention_masks`); segment_ids
+        [b, t] (no cache) also confine attention to each segment; cache: None, or (k, v)
+        [n_layer, b, s, n_kv, hs] read one layer at a time by the scan.
         """
         c = self.config
         base_mask, distance = attention_masks(query_slots, key_valid)
+        if segment_ids is not None:
+            base_mask = base_mask & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
         cos, sin, rope_kind = rope_tables(c, positions)
 
         constrain = ((lambda a: a) if batch_sharding is None else

@@ -134,23 +134,27 @@ def cross_entropy_sum(logits_fn: Callable[[Any, jax.Array], jax.Array], head_par
     return fused(leaves, hidden, targets)
 
 
-def sequence_loss(model, input_ids: jax.Array, labels: jax.Array, *, dropout_key: jax.Array | None = None,
-                  chunk_size: int = DEFAULT_CHUNK_SIZE, mesh: Mesh | None = None) -> tuple[jax.Array, jax.Array]:
+def sequence_loss(model, input_ids: jax.Array, labels: jax.Array, *, segment_ids: jax.Array | None = None,
+                  dropout_key: jax.Array | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE,
+                  mesh: Mesh | None = None) -> tuple[jax.Array, jax.Array]:
     """input_ids, labels int32 [b, t] -> (loss sum fp32 [], token count int32 []).
 
-    Position i predicts labels[:, i + 1]; the last position predicts nothing. mesh: keep the
-    activations' batch axis split over the mesh's batch axes (see `sharding.activation_sharding`).
+    Position i predicts labels[:, i + 1]; the last position predicts nothing. segment_ids: packed
+    rows (`GPT.hidden_states`; each segment's first label is ignore_index, so no segment predicts
+    the next one's first token). mesh: keep the activations' batch axis split over the mesh's batch
+    axes (see `sharding.activation_sharding`).
     """
-    logits_fn, head_params, hidden, targets = _predict(model, input_ids, labels, dropout_key, mesh)
+    logits_fn, head_params, hidden, targets = _predict(model, input_ids, labels, segment_ids, dropout_key, mesh)
     return cross_entropy_sum(logits_fn, head_params, hidden, targets, vocab_size=model.config.vocab_size,
                              chunk_size=chunk_size)
 
 
-def _predict(model, input_ids, labels, dropout_key, mesh):
+def _predict(model, input_ids, labels, segment_ids, dropout_key, mesh):
     """-> (logits_fn, head_params (`GPT.logits_head`), final hidden states [b, t, d], targets [b, t]:
     labels shifted left by one)."""
     batch_sharding = None if mesh is None else activation_sharding(mesh)
-    hidden = model.hidden_states(input_ids, dropout_key=dropout_key, batch_sharding=batch_sharding)
+    hidden = model.hidden_states(input_ids, segment_ids=segment_ids, dropout_key=dropout_key,
+                                 batch_sharding=batch_sharding)
     logits_fn, head_params = model.logits_head()
     if batch_sharding is not None:
         head = logits_fn
@@ -187,7 +191,8 @@ def token_mistakes(logits_fn: Callable[[Any, jax.Array], jax.Array], head_params
     return mistakes
 
 
-def sequence_eval(model, input_ids: jax.Array, labels: jax.Array, *, chunk_size: int = DEFAULT_CHUNK_SIZE,
+def sequence_eval(model, input_ids: jax.Array, labels: jax.Array, *, segment_ids: jax.Array | None = None,
+                  chunk_size: int = DEFAULT_CHUNK_SIZE,
                   mesh: Mesh | None = None) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """-> (loss sum fp32 [], token count, exact rows, scored rows) (int32 []), as `sequence_loss` without dropout.
 
@@ -196,7 +201,7 @@ def sequence_eval(model, input_ids: jax.Array, labels: jax.Array, *, chunk_size:
     reproduces them (with masked prompts: the response and its EOS). Rows without targets (batch
     padding) are not scored.
     """
-    logits_fn, head_params, hidden, targets = _predict(model, input_ids, labels, None, mesh)
+    logits_fn, head_params, hidden, targets = _predict(model, input_ids, labels, segment_ids, None, mesh)
     loss_sum, count = cross_entropy_sum(logits_fn, head_params, hidden, targets, vocab_size=model.config.vocab_size,
                                         chunk_size=chunk_size)
     mistakes = token_mistakes(logits_fn, head_params, hidden, targets, vocab_size=model.config.vocab_size,
@@ -206,9 +211,11 @@ def sequence_eval(model, input_ids: jax.Array, labels: jax.Array, *, chunk_size:
 
 
 def _loss_fn(graphdef, chunk_size: int, mesh: Mesh | None):
-    def loss(lora, base, input_ids, labels, key):
+    """loss(lora, base, batch, key): `sequence_loss` of one micro-batch {"input_ids", "labels"[, "segment_ids"]}."""
+    def loss(lora, base, batch, key):
         model = nnx.merge(graphdef, lora, base)
-        return sequence_loss(model, input_ids, labels, dropout_key=key, chunk_size=chunk_size, mesh=mesh)
+        return sequence_loss(model, batch["input_ids"], batch["labels"], segment_ids=batch.get("segment_ids"),
+                             dropout_key=key, chunk_size=chunk_size, mesh=mesh)
     return loss
 
 
@@ -222,7 +229,8 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, *, accum_
       the forward and again in the backward pass of each micro-batch (ZeRO-3), never the whole
       model. None: XLA places outputs and activations (fine on one device or replicated params).
 
-    batch: {"input_ids", "labels"} int32 [accum_steps, micro_batch, seq] (micro_batch: global).
+    batch: {"input_ids", "labels"[, "segment_ids" (packed rows)]} int32 [accum_steps, micro_batch, seq]
+      (micro_batch: global).
     key: the run's base dropout key; micro-batch i of optimizer step s uses
       fold_in(fold_in(key, s), i), so a resumed run draws the same dropout masks.
     metrics: loss (fp32, token-weighted mean over the step's batch), grad_norm (fp32, global norm
@@ -255,7 +263,7 @@ def _scan_step(graphdef, optimizer, accum_steps, chunk_size, mesh, jit):
 
     @jit
     def train_step(state: TrainState, base, batch, key):
-        ids, labels = batch["input_ids"], batch["labels"]
+        ids = batch["input_ids"]
         if ids.shape[0] != accum_steps:
             raise ValueError(f"batch has {ids.shape[0]} micro-batches, the step was built for {accum_steps}")
         # Differentiate loss_sum / positions (a static constant) so gradients keep a mean-like scale
@@ -263,21 +271,21 @@ def _scan_step(graphdef, optimizer, accum_steps, chunk_size, mesh, jit):
         positions = ids.shape[0] * ids.shape[1] * ids.shape[2]
         step_key = jax.random.fold_in(key, state.step)
 
-        def scaled_loss(lora, ids_i, labels_i, key_i):
-            loss_sum, count = loss_fn(lora, base, ids_i, labels_i, key_i)
+        def scaled_loss(lora, batch_i, key_i):
+            loss_sum, count = loss_fn(lora, base, batch_i, key_i)
             return loss_sum / positions, (loss_sum, count)
 
         def micro(carry, xs):
             loss_acc, count_acc, grad_acc = carry
-            i, ids_i, labels_i = xs
+            i, batch_i = xs
             (_, (loss_sum, count)), grads = jax.value_and_grad(scaled_loss, has_aux=True)(
-                state.lora, ids_i, labels_i, jax.random.fold_in(step_key, i))
+                state.lora, batch_i, jax.random.fold_in(step_key, i))
             grad_acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grad_acc, grads)
             return (loss_acc + loss_sum, count_acc + count, grad_acc), None
 
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.lora)
         init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32), zeros)
-        (loss_sum, count, grads), _ = jax.lax.scan(micro, init, (jnp.arange(accum_steps), ids, labels))
+        (loss_sum, count, grads), _ = jax.lax.scan(micro, init, (jnp.arange(accum_steps), batch))
         denom = jnp.maximum(count, 1).astype(jnp.float32)
         grads = jax.tree.map(lambda g: g * (positions / denom), grads)
         new_state = _apply(optimizer, state, grads, state.step + 1)
@@ -300,12 +308,11 @@ def _multisteps_step(graphdef, optimizer, accum_steps, chunk_size, mesh, jit):
         if not isinstance(state.opt_state, optax.MultiStepsState):
             raise ConfigError("grad_accumulation 'multisteps' needs an optimizer built with multisteps=accum_steps")
         i = state.opt_state.mini_step  # which micro-batch of `batch` this call trains on
-        ids = jax.lax.dynamic_index_in_dim(batch["input_ids"], i, keepdims=False)
-        labels = jax.lax.dynamic_index_in_dim(batch["labels"], i, keepdims=False)
+        batch_i = {k: jax.lax.dynamic_index_in_dim(v, i, keepdims=False) for k, v in batch.items()}
         key_i = jax.random.fold_in(jax.random.fold_in(key, state.step), i)
 
         def mean_loss(lora):
-            loss_sum, count = loss_fn(lora, base, ids, labels, key_i)
+            loss_sum, count = loss_fn(lora, base, batch_i, key_i)
             return loss_sum / jnp.maximum(count, 1), (loss_sum, count)
 
         (_, (loss_sum, count)), grads = jax.value_and_grad(mean_loss, has_aux=True)(state.lora)
@@ -333,7 +340,7 @@ def make_eval_step(graphdef, *, chunk_size: int = DEFAULT_CHUNK_SIZE, mesh: Mesh
                    exact_match: bool = False):
     """-> eval_step(lora, base, batch) -> (loss sum fp32 [], token count int32 []); no dropout.
 
-    batch: {"input_ids", "labels"} int32 [micro_batch, seq]. mesh: as in `make_train_step`.
+    batch: {"input_ids", "labels"[, "segment_ids"]} int32 [micro_batch, seq]. mesh: as in `make_train_step`.
     exact_match: also return (exact rows, scored rows) int32 [] (see `sequence_eval`).
     """
     loss_fn = _loss_fn(graphdef, chunk_size, mesh)
@@ -342,7 +349,7 @@ def make_eval_step(graphdef, *, chunk_size: int = DEFAULT_CHUNK_SIZE, mesh: Mesh
     def eval_step(lora, base, batch):
         if exact_match:
             return sequence_eval(nnx.merge(graphdef, lora, base), batch["input_ids"], batch["labels"],
-                                 chunk_size=chunk_size, mesh=mesh)
-        return loss_fn(lora, base, batch["input_ids"], batch["labels"], None)
+                                 segment_ids=batch.get("segment_ids"), chunk_size=chunk_size, mesh=mesh)
+        return loss_fn(lora, base, batch, None)
 
     return eval_step
