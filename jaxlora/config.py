@@ -22,9 +22,10 @@ from typing import Any
 import ml_collections
 from ml_collections.config_dict import FieldReference
 
+from jaxlora import storage
 from jaxlora.errors import ConfigError
 from jaxlora.models import lora, quant
-from jaxlora.models.gpt import REMAT_CHOICES
+from jaxlora.models.gpt import ATTENTION_IMPLS, REMAT_CHOICES
 from jaxlora.training.optim import OPTIMIZERS
 from jaxlora.training.precision import POLICIES
 from jaxlora.training.sharding import MESH_AXES
@@ -105,8 +106,10 @@ def base_config() -> ml_collections.ConfigDict:
     cfg.data.seed = 42
     cfg.data.download_dir = "data"
     cfg.data.url = _optional(None, str)
-    cfg.data.length_bucket = _optional(None, int)  # None: pad every batch to the full length
+    cfg.data.length_bucket = _optional(64, int)  # pad each batch to its longest row, rounded up to this; None: full
+    cfg.data.packing = False  # concatenate train examples into rows (data.packed); global_batch_size counts rows
 
+    cfg.model = ml_collections.ConfigDict({"attention_impl": "auto"})  # one of models.gpt.ATTENTION_IMPLS
     cfg.logger = ml_collections.ConfigDict({"csv": True, "tensorboard": False})
     cfg.checkpoint = ml_collections.ConfigDict()
     cfg.checkpoint.max_to_keep = _optional(None, int)  # None: keep every step
@@ -305,6 +308,7 @@ def validate(
         raise ConfigError("eval.exact_match scores the labelled tokens, which are the whole prompt unless "
                           "data.mask_prompt=True; set --config.data.mask_prompt=True")
     _check_data(cfg.data)
+    _one_of("model.attention_impl", cfg.model.attention_impl, ATTENTION_IMPLS)
     _check_checkpointing(cfg.checkpoint)
     _check_mesh(cfg.mesh)
     _check_distributed(cfg.distributed)
@@ -314,7 +318,7 @@ def validate(
 # steps to come (a longer run lengthens the lr schedule; another mesh gives fp-close, not bitwise, steps).
 RESUME_SAFE = ("out_dir", "resume", "train.save_interval", "train.log_interval", "train.max_time", "train.epochs",
                "train.max_steps", "train.remat", "eval.", "logger.", "checkpoint.", "mesh.", "distributed.",
-               "data.download_dir")
+               "data.download_dir", "model.attention_impl")
 _PATHS = ("checkpoint_dir", "data.json_path")  # compared as the files they name
 
 
@@ -376,7 +380,9 @@ def _check_checkpoint_dir(checkpoint_dir: str | None) -> None:
     if checkpoint_dir is None:
         raise ConfigError("checkpoint_dir is not set; pass --config.checkpoint_dir=DIR, a directory "
                           "with the model's config.json, *.safetensors and tokenizer")
-    if not Path(checkpoint_dir).is_dir():
+    if storage.is_url(checkpoint_dir):  # mirrored when first read (storage.local_checkpoint), which checks it
+        storage.check_available(checkpoint_dir)
+    elif not Path(checkpoint_dir).is_dir():
         raise ConfigError(f"checkpoint_dir {checkpoint_dir} does not exist; download the model there "
                           f"or point --config.checkpoint_dir at the directory that holds it")
 

@@ -14,6 +14,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Iterator
 
@@ -21,10 +22,12 @@ import jax
 import numpy as np
 from flax.traverse_util import flatten_dict
 
+from jaxlora import storage
 from jaxlora.checkpoints.orbax import CHECKPOINTS_DIR, CheckpointManager, resolve_resume, saved_steps
 from jaxlora.checkpoints.peft import write_peft_adapter
 from jaxlora.config import accumulation_steps, lora_config, resume_changes, validate
 from jaxlora.data import BatchIterator, Tokenizer, effective_seq_length, eval_batches, steps_per_epoch
+from jaxlora.data.packed import pack_examples, packing_efficiency
 from jaxlora.data.sft import load_sft_records, resolve_prompt_style, tokenize_splits
 from jaxlora.errors import CheckpointError, ConfigError
 from jaxlora.models.config import ModelConfig
@@ -72,8 +75,8 @@ def finetune(cfg) -> FitResult:
     resume = resolve_resume(cfg.resume, cfg.out_dir)
     old_steps = saved_steps(cfg.out_dir)
     if resume is None and old_steps:  # checked before any loading: a fresh run would mix its steps with these
-        raise ConfigError(f"{Path(cfg.out_dir) / CHECKPOINTS_DIR} already holds steps {old_steps} of an earlier run; "
-                          "continue it with --config.resume=auto, or choose another out_dir (or remove it)")
+        raise ConfigError(f"{storage.path(cfg.out_dir) / CHECKPOINTS_DIR} already holds steps {old_steps} of an "
+                          "earlier run; continue it with --config.resume=auto, or choose another out_dir (or remove it)")
 
     run_config = json.loads(cfg.to_json_best_effort())
     if resume is not None:
@@ -83,7 +86,8 @@ def finetune(cfg) -> FitResult:
 
     lora_settings = lora_config(cfg)
     model = load_model(cfg.checkpoint_dir, dtype=policy.param_dtype, compute_dtype=policy.compute_dtype,
-                       lora=lora_settings, quantize=quant.resolve(cfg.quantize), remat=t.remat, mesh=mesh)
+                       lora=lora_settings, quantize=quant.resolve(cfg.quantize), remat=t.remat, mesh=mesh,
+                       attention_impl=cfg.model.attention_impl)
     graphdef, lora_params, base = split_lora(model)
     del model
     base = shard_params(base, mesh)  # already placed by load_model: a no-op
@@ -94,7 +98,15 @@ def finetune(cfg) -> FitResult:
     train_data, val_data = tokenize_splits(train_records, val_records, cfg.data, tokenizer, max_seq_length,
                                            model_name=model_config.name)
     seq_len = effective_seq_length(list(train_data) + list(val_data), max_seq_length)
-    total_steps = run_length(steps_per_epoch(len(train_data), t.global_batch_size, drop_last=False),
+    train_rows = train_data
+    if cfg.data.packing:  # rows of max_seq_length (or of the longest example), the same on resume
+        width = t.max_seq_length or seq_len
+        train_rows = pack_examples(train_data, width, seed=cfg.seed, pad_id=tokenizer.pad_id,
+                                   ignore_index=cfg.data.ignore_index)
+        log.info("packed %d train examples into %d rows of %d tokens (%.1f%% of the positions hold tokens)",
+                 len(train_data), len(train_rows), width, 100 * packing_efficiency(train_rows))
+        seq_len = max(seq_len, width)
+    total_steps = run_length(steps_per_epoch(len(train_rows), t.global_batch_size, drop_last=False),
                              t.epochs, t.max_steps)
     o = cfg.optimizer
     tx, schedule = make_optimizer(
@@ -113,7 +125,7 @@ def finetune(cfg) -> FitResult:
                                     async_save=c.async_save)
     if resume is not None:
         source_dir, step = resume
-        own = Path(source_dir).absolute() == Path(cfg.out_dir).absolute()
+        own = storage.same_location(source_dir, cfg.out_dir)
         source = checkpoints if own else CheckpointManager(source_dir, read_only=True)
         restored = source.restore(state, step=step)
         if restored is not None:
@@ -124,13 +136,15 @@ def finetune(cfg) -> FitResult:
     slice_index, slice_count = batch_slice(mesh)  # which rows of each global batch this process loads
     data = dict(seq_len=seq_len, pad_id=tokenizer.pad_id, ignore_index=cfg.data.ignore_index,
                 length_bucket=cfg.data.length_bucket, process_index=slice_index, process_count=slice_count)
-    batches = BatchIterator(train_data, t.global_batch_size, seed=position["seed"], epoch=position["epoch"],
+    batches = BatchIterator(train_rows, t.global_batch_size, seed=position["seed"], epoch=position["epoch"],
                             index=position["index"], drop_last=False, **data)
+    log.info("%.1f%% of this epoch's training positions are padding", 100 * batches.epoch_padding_fraction())
     val_rows = t.micro_batch_size * dp
     val_batches = (lambda: eval_batches(val_data, val_rows, **data)) if val_data else None
-    log.info("%d LoRA params; %d train examples; %d optimizer steps of %d micro-batches x %d rows x %d tokens; "
-             "%d data-parallel devices", n_lora, len(train_data), total_steps, accum, t.global_batch_size // accum,
-             seq_len, dp)
+    log.info("%d LoRA params; %d train examples%s; %d optimizer steps of %d micro-batches x %d rows x %s tokens; "
+             "%d data-parallel devices", n_lora, len(train_data),
+             f" in {len(train_rows)} packed rows" if cfg.data.packing else "", total_steps, accum,
+             t.global_batch_size // accum, seq_len if cfg.data.length_bucket is None else f"<= {seq_len}", dp)
     settings = FitSettings(
         max_steps=total_steps, max_time=t.max_time, log_interval=t.log_interval, eval_interval=cfg.eval.interval,
         eval_max_iters=cfg.eval.max_iters, initial_validation=cfg.eval.initial_validation,
@@ -163,20 +177,43 @@ def finetune(cfg) -> FitResult:
         sampler.generate("after", result.state.lora)
         sampler.write(cfg.out_dir)
     final_lora = host_copy(result.state.lora)  # a collective: every process takes part
-    save_lora_safetensors(final_lora, Path(cfg.out_dir) / "final" / "lora.safetensors",
+    final_dir = storage.path(cfg.out_dir) / "final"
+    save_lora_safetensors(final_lora, final_dir / "lora.safetensors",
                           metadata={"step": str(result.step), "lora": json.dumps(dataclasses.asdict(lora_settings)),
                                     "config": json.dumps(run_config)})
     if jax.process_index() == 0:  # the same adapter in PEFT's format, where PEFT can express it
+        staging = storage.local_dir("jaxlora-peft-") if storage.is_url(final_dir) else None
         try:
-            write_peft_adapter(model_config, lora_settings, final_lora, Path(cfg.out_dir) / "final",
-                               base_model_name_or_path=str(Path(cfg.checkpoint_dir).absolute()))
+            write_peft_adapter(model_config, lora_settings, final_lora, final_dir if staging is None else staging,
+                               base_model_name_or_path=str(storage.as_path(cfg.checkpoint_dir)))
+            if staging is not None:  # each file uploaded whole: see `jaxlora.storage`
+                storage.upload_dir(staging, final_dir)
         except CheckpointError as e:
             log.warning("no PEFT adapter written: %s", e)
+        finally:
+            if staging is not None:
+                shutil.rmtree(staging, ignore_errors=True)
     return result
 
 
 def _check_out_dir(out_dir: str) -> None:
-    """Before anything is loaded or written: ConfigError unless out_dir is a directory or can be created."""
+    """Before anything is loaded or written: ConfigError unless out_dir is a directory or can be created
+    (a URL: its package is installed, its bucket can be reached, and it is not an object)."""
+    if storage.is_url(out_dir):
+        path = storage.as_path(out_dir)  # ConfigError if gcsfs (or the scheme's package) is missing
+        bucket = storage.bucket(out_dir)
+        try:
+            reachable, is_file = bucket.exists(), path.is_file()
+        except Exception as e:  # noqa: BLE001 - credentials, network: whatever the store raises
+            raise ConfigError(f"out_dir {out_dir} cannot be reached ({type(e).__name__}: "
+                              f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}); check the URL "
+                              "and the credentials (see docs/multihost.md)") from None
+        if not reachable:
+            raise ConfigError(f"out_dir {out_dir} cannot be created: the bucket {bucket} does not exist or cannot "
+                              "be listed with these credentials; create it or choose another out_dir")
+        if is_file:
+            raise ConfigError(f"out_dir {out_dir} is an object, not a directory; choose another out_dir")
+        return
     path = Path(out_dir).absolute()
     if path.exists() and not path.is_dir():
         raise ConfigError(f"out_dir {out_dir} is a file, not a directory; choose another out_dir")
@@ -233,8 +270,7 @@ def save_lora_safetensors(lora: dict, path: str | os.PathLike, metadata: dict[st
     """The LoRA params as fp32 safetensors, keys like "blocks.attn.q.adapter.lora_a" (written by process 0)."""
     if jax.process_index() != 0:
         return
-    from safetensors.numpy import save_file
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    from safetensors.numpy import save
     flat = flatten_dict(jax.device_get(lora), sep=".")
-    save_file({k: np.ascontiguousarray(v) for k, v in flat.items()}, str(path), metadata=metadata)
+    # written whole (a temporary file replaced over `path`, or one object upload for a URL): never half a file
+    storage.write_bytes(path, save({k: np.ascontiguousarray(v) for k, v in flat.items()}, metadata=metadata))

@@ -2,7 +2,9 @@
 
 An adapter is named by a finetune run directory (`<out_dir>/final/lora.safetensors`), a
 `lora.safetensors` file or the directory holding it, or a PEFT adapter directory
-(adapter_config.json + adapter_model.safetensors) or one of its two files.
+(adapter_config.json + adapter_model.safetensors) or one of its two files. Any of these may be a URL
+(gs://bucket/run, ...: see `jaxlora.storage`); its adapter files are downloaded to a local temporary
+directory once per process and read from there. The base checkpoint (`checkpoint_dir`) must be local.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import numpy as np
 from flax import nnx
 from flax.traverse_util import flatten_dict, unflatten_dict
 
+from jaxlora import storage
 from jaxlora.checkpoints.hf import load_model, read_safetensors
 from jaxlora.checkpoints.peft import CONFIG_FILE, lora_shapes, read_peft_adapter
 from jaxlora.errors import CheckpointError, ConfigError
@@ -39,7 +42,8 @@ def load_with_adapter(checkpoint_dir: str | os.PathLike, adapter: str | os.PathL
 
 def read_adapter(checkpoint_dir: str | os.PathLike, adapter: str | os.PathLike) -> tuple[LoRAConfig, dict]:
     """(LoRAConfig, nested LoRA params as numpy) of `adapter`, checked against the base checkpoint's shapes."""
-    if not Path(checkpoint_dir).is_dir():
+    checkpoint_dir = storage.local_checkpoint(checkpoint_dir, weights=False)  # a URL: its config, mirrored
+    if not checkpoint_dir.is_dir():
         raise CheckpointError(f"checkpoint directory {checkpoint_dir} does not exist")
     config = ModelConfig.from_hf_config(checkpoint_dir)
     kind, path = resolve_adapter(adapter)
@@ -49,7 +53,10 @@ def read_adapter(checkpoint_dir: str | os.PathLike, adapter: str | os.PathLike) 
 
 
 def resolve_adapter(adapter: str | os.PathLike) -> tuple[str, Path]:
-    """-> ("jaxlora", the lora.safetensors file) or ("peft", the adapter directory)."""
+    """-> ("jaxlora", the lora.safetensors file) or ("peft", the adapter directory); local paths (a URL's
+    adapter files are downloaded first)."""
+    if storage.is_url(adapter):
+        return _download_adapter(str(adapter))
     path = Path(adapter)
     if path.is_file():
         if path.name in ("adapter_model.safetensors", CONFIG_FILE):
@@ -78,6 +85,8 @@ def run_config(adapter: str | os.PathLike) -> dict | None:
             return json.loads(metadata["config"])
         except ValueError as e:
             raise CheckpointError(f"{path} has an unreadable run config in its metadata: {e}") from None
+    if storage.is_url(adapter):
+        path = _remote_source[path]
     run_dir = path.parent.parent if path.parent.name == "final" else None
     if run_dir is None or not (run_dir / "checkpoints").is_dir():
         return None
@@ -88,6 +97,46 @@ def run_config(adapter: str | os.PathLike) -> dict | None:
         return manager.saved_config()
     finally:
         manager.close()
+
+
+_downloaded: dict[str, tuple[str, Path]] = {}  # adapter URL -> resolve_adapter's answer, local
+_remote_source: dict[Path, "storage.AnyPath"] = {}  # a downloaded lora.safetensors -> its URL path
+
+
+def _download_adapter(url: str) -> tuple[str, Path]:
+    """resolve_adapter for a URL: find the adapter's files there as for a local path and download them."""
+    if url in _downloaded:
+        return _downloaded[url]
+    remote = storage.as_path(url)
+    try:
+        if remote.is_file():
+            kind, files = ("peft", remote.parent) if remote.name in ("adapter_model.safetensors", CONFIG_FILE) \
+                else ("jaxlora", remote)
+        else:
+            kind = files = None
+            for candidate in (remote / "final" / LORA_FILE, remote / LORA_FILE):
+                if candidate.is_file():
+                    kind, files = "jaxlora", candidate
+                    break
+            if kind is None and (remote / CONFIG_FILE).is_file():
+                kind, files = "peft", remote
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 - credentials, network: whatever the store raises
+        raise CheckpointError(f"adapter {url} cannot be read: {type(e).__name__}: {str(e).strip()[:200]}") from None
+    if kind is None:
+        raise CheckpointError(f"no adapter found at {url}: expected final/{LORA_FILE}, {LORA_FILE} or a PEFT "
+                              f"{CONFIG_FILE}")
+    local = storage.local_dir("jaxlora-adapter-")
+    if kind == "jaxlora":
+        target = storage.download(files, local / files.parent.name / LORA_FILE)
+        _remote_source[target] = files
+    else:
+        for name in (CONFIG_FILE, "adapter_model.safetensors"):
+            storage.download(files / name, local / name)
+        target = local
+    _downloaded[url] = (kind, target)
+    return kind, target
 
 
 def read_lora_safetensors(path: str | os.PathLike) -> tuple[LoRAConfig, dict]:

@@ -22,6 +22,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from jaxlora import storage
 from jaxlora.errors import CheckpointError
 from jaxlora.models.config import ModelConfig
 from jaxlora.models.families import Source, ignored_tensors, key_map
@@ -215,7 +216,7 @@ def _fill_quantized(fields: dict, src: Source, reader, config, n_layer: int | No
 
 def load_model(path: str | os.PathLike, *, dtype="float32", lora: LoRAConfig = LoRAConfig(), compute_dtype=None,
                quantize: str | None = None, remat: str = "none", scan_layers: bool = True, seed: int = 0,
-               mesh: Mesh | None = None) -> GPT:
+               mesh: Mesh | None = None, attention_impl: str = "auto") -> GPT:
     """A `GPT` with the frozen weights of the HF checkpoint in `path` and freshly initialised LoRA.
 
     dtype: the frozen weights' dtype (LoRA weights are fp32); compute_dtype: activations (default
@@ -226,7 +227,7 @@ def load_model(path: str | os.PathLike, *, dtype="float32", lora: LoRAConfig = L
     process reads the tensors, each device receives only its shard, so no device ever holds a
     whole stacked weight it does not own); None: on the default device. LoRA params stay there.
     """
-    directory = Path(path)
+    directory = storage.local_checkpoint(path)  # a URL: mirrored locally
     if not directory.is_dir():
         raise CheckpointError(f"checkpoint directory {directory} does not exist")
     config = ModelConfig.from_hf_config(directory)
@@ -237,7 +238,7 @@ def load_model(path: str | os.PathLike, *, dtype="float32", lora: LoRAConfig = L
 
     def build(quantize=quantize):
         return GPT(config, lora, param_dtype=dtype, compute_dtype=compute_dtype, quantize=quantize,
-                   scan_layers=scan_layers, remat=remat, rngs=nnx.Rngs(seed))
+                   scan_layers=scan_layers, remat=remat, attention_impl=attention_impl, rngs=nnx.Rngs(seed))
 
     graphdef, lora_abstract, base_abstract = nnx.split(nnx.eval_shape(build), nnx.LoRAParam, ...)
     float_base = (nnx.to_pure_dict(nnx.split(nnx.eval_shape(lambda: build(None)), nnx.LoRAParam, ...)[2])

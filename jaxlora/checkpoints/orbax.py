@@ -20,7 +20,6 @@ import dataclasses
 import logging
 import os
 import re
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -28,6 +27,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
+from jaxlora import storage
 from jaxlora.errors import CheckpointError
 from jaxlora.training.step import TrainState
 
@@ -65,7 +65,7 @@ class CheckpointManager:
 
     def __init__(self, out_dir: str | os.PathLike, *, max_to_keep: int | None = None, keep_best: int = 0,
                  async_save: bool = True, read_only: bool = False):
-        self.directory = Path(out_dir).absolute() / CHECKPOINTS_DIR
+        self.directory = storage.as_path(out_dir) / CHECKPOINTS_DIR
         policies = [checkpoint_managers.LatestN(n=max_to_keep)]
         if keep_best and max_to_keep is not None:
             policies.append(checkpoint_managers.BestN(get_metric_fn=lambda m: m["val_loss"], reverse=True,
@@ -200,17 +200,18 @@ class CheckpointManager:
 
 def saved_steps(out_dir: str | os.PathLike) -> list[int]:
     """The step numbers of the step directories under `<out_dir>/checkpoints`, complete or not."""
-    root = Path(out_dir) / CHECKPOINTS_DIR
+    root = storage.path(out_dir) / CHECKPOINTS_DIR
     return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit()) if root.is_dir() else []
 
 
 def resolve_resume(resume: bool | str | os.PathLike | None,
-                   out_dir: str | os.PathLike) -> tuple[Path, int | None] | None:
+                   out_dir: str | os.PathLike) -> tuple[storage.AnyPath, int | None] | None:
     """Where to resume from: None (start fresh) or (out_dir holding `checkpoints/`, step or None = newest).
 
     resume: False/None: start fresh. True: the newest step under `<out_dir>/checkpoints` (error if
     none). "auto": the same, or start fresh if there is none. A path: a step directory
-    (`.../checkpoints/<step>`), a `checkpoints` directory, or a run's out_dir.
+    (`.../checkpoints/<step>`), a `checkpoints` directory, or a run's out_dir; each may be a URL
+    (gs://...).
     """
     if resume in (None, False, "", "false", "False"):
         return None
@@ -218,10 +219,10 @@ def resolve_resume(resume: bool | str | os.PathLike | None,
         if not saved_steps(out_dir):
             if resume == "auto":
                 return None
-            raise CheckpointError(f"resume is set but {Path(out_dir) / CHECKPOINTS_DIR} holds no checkpoint; use "
+            raise CheckpointError(f"resume is set but {storage.path(out_dir) / CHECKPOINTS_DIR} holds no checkpoint; use "
                                   "resume='auto' to start fresh")
-        return Path(out_dir), None
-    path = Path(resume)
+        return storage.path(out_dir), None
+    path = storage.path(resume)
     if path.name.isdigit() and path.parent.name == CHECKPOINTS_DIR:
         if not path.is_dir():
             raise CheckpointError(f"resume checkpoint {path} does not exist")

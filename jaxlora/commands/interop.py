@@ -11,6 +11,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from jaxlora import storage
 from jaxlora.errors import CheckpointError, ConfigError
 
 MERGE_DTYPES = ("float32", "bfloat16", "float16")
@@ -66,7 +67,7 @@ def merge(argv: Sequence[str]) -> None:
     from jaxlora.checkpoints.hf_export import TOKENIZER_FILES, save_hf_checkpoint
     from jaxlora.models.lora import merge_lora
 
-    base = Path(args.checkpoint_dir)
+    base = storage.local_checkpoint(args.checkpoint_dir)  # a URL: mirrored locally
     hf_config = None
     if (base / "config.json").is_file():
         try:
@@ -111,5 +112,5 @@ def export_peft(argv: Sequence[str]) -> None:
     config = ModelConfig.from_hf_config(args.checkpoint_dir)
     lora, params = read_adapter(args.checkpoint_dir, args.adapter)
     with atomic_directory(args.out) as tmp:
-        write_peft_adapter(config, lora, params, tmp, base_model_name_or_path=str(Path(args.checkpoint_dir).absolute()))
+        write_peft_adapter(config, lora, params, tmp, base_model_name_or_path=str(storage.as_path(args.checkpoint_dir)))
     print(f"PEFT adapter written to {args.out}")

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from jaxlora import storage
 from jaxlora.errors import CheckpointError
 
 _LLAMA_TOKENIZER_CLASSES = ("LlamaTokenizer", "LlamaTokenizerFast")
@@ -80,7 +81,7 @@ class Tokenizer:
     """
 
     def __init__(self, checkpoint_dir: str | Path) -> None:
-        checkpoint_dir = Path(checkpoint_dir)
+        checkpoint_dir = storage.local_checkpoint(checkpoint_dir, weights=False)  # a URL: mirrored locally
         if not checkpoint_dir.is_dir():
             raise CheckpointError(f"The checkpoint directory {checkpoint_dir} does not exist.")
         self.model_name = checkpoint_dir.name

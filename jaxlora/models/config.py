@@ -13,6 +13,7 @@ import json
 import os
 from typing import Any
 
+from jaxlora import storage
 from jaxlora.errors import CheckpointError
 
 @dataclasses.dataclass(frozen=True)
@@ -119,11 +120,12 @@ class ModelConfig:
 
     @classmethod
     def from_hf_config(cls, source: str | os.PathLike | dict) -> "ModelConfig":
-        """Build from an HF `config.json` (a path to the file or its directory, or the parsed dict)."""
+        """Build from an HF `config.json` (a path to the file or its directory, a checkpoint URL as
+        `storage.local_checkpoint` takes, or the parsed dict)."""
         if isinstance(source, dict):
             hf = source
         else:
-            path = os.fspath(source)
+            path = os.fspath(storage.local_checkpoint(source, weights=False) if storage.is_url(source) else source)
             if os.path.isdir(path):
                 path = os.path.join(path, "config.json")
             if not os.path.isfile(path):

@@ -21,13 +21,14 @@ import math
 import os
 import sys
 import time
-from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
+from jaxlora import storage
 from jaxlora.errors import JaxloraError
 from jaxlora.training import metrics as run_metrics
 from jaxlora.training.preemption import Preemption
@@ -84,7 +85,7 @@ def fit(state: TrainState, base, *, train_step, eval_step, train_batches: Iterat
     sample(lora, step): called after each validation in the loop (e.g. `Sampler.at_validation`).
     """
     s = settings
-    out_dir = Path(out_dir)
+    out_dir = storage.path(out_dir)  # local, or a URL (gs://...): see `jaxlora.storage`
     primary = jax.process_index() == 0
     step = start_step = int(jax.device_get(state.step))
     writer = run_metrics.MetricsWriter(out_dir, csv_file=s.csv, tensorboard=s.tensorboard, start_step=start_step)
@@ -94,7 +95,9 @@ def fit(state: TrainState, base, *, train_step, eval_step, train_batches: Iterat
     validate = functools.partial(_validate, eval_step, base, val_batches, mesh)
     interval = _Interval()
     times: list[float] = []  # seconds per step
-    step_tokens: list[int] = []  # input tokens (padding included) per step
+    step_tokens: list[int] = []  # real input tokens (padding excluded: `real_tokens`) per step
+    positions = 0  # input positions, padding included
+    shapes: set[tuple] = set()  # the step batch shapes seen: each compiles the step once
     tokens = 0
     val_loss = val_exact = None
     initial = {}  # the initial validation's loss and exact match, for the summary
@@ -113,8 +116,10 @@ def fit(state: TrainState, base, *, train_step, eval_step, train_batches: Iterat
             batch, position = nxt
             state, step_metrics = train_step(state, base, batch, key)
             step += 1
-            step_tokens.append(int(batch["input_ids"].size))
+            step_tokens.append(real_tokens(batch))
             tokens += step_tokens[-1]
+            positions += int(batch["input_ids"].size)
+            shapes.add(tuple(batch["input_ids"].shape))
             nxt = _next_batch(train_batches, mesh, data_position) if step < s.max_steps else None
             m = jax.device_get(step_metrics)  # waits for the step
             now = time.perf_counter()
@@ -143,6 +148,7 @@ def fit(state: TrainState, base, *, train_step, eval_step, train_batches: Iterat
                 writer.write(row)
                 _log_row(row, s.max_steps)
             if checkpoints is not None and (last or (s.save_interval and step % s.save_interval == 0)):
+                writer.sync()  # a URL out_dir: the CSV on it holds every row up to the saved step
                 checkpoints.save(state, rng=key, data_position=position, val_loss=val, config=run_config)
             if preempted:
                 log.warning("stopped at step %d on request, that step saved%s", step,
@@ -159,10 +165,11 @@ def fit(state: TrainState, base, *, train_step, eval_step, train_batches: Iterat
             checkpoints.wait_until_finished()  # also on errors: earlier saves must complete
         preemption.uninstall()
     summary = _summary(times, step_tokens, step, start_step, val_loss, flops_per_token, peak_flops)
+    summary.update(padding_fraction=1 - tokens / positions if positions else None, batch_shapes=len(shapes))
     summary.update(initial, **({"val_exact_match": val_exact} if val_exact is not None else {}))
     if primary:
         _log_summary(summary)
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        storage.write_text(out_dir / "summary.json", json.dumps(summary, indent=2))
     return FitResult(state=state, step=step, val_loss=val_loss, summary=summary, preempted=preempted)
 
 
@@ -266,6 +273,13 @@ def _log_row(row: dict, max_steps: int) -> None:
     log.info(text)
 
 
+def real_tokens(batch: dict) -> int:
+    """The batch's input tokens that are not padding (segment_ids > 0; every token without segment_ids)."""
+    if "segment_ids" not in batch:
+        return int(batch["input_ids"].size)
+    return int(jax.device_get(jnp.sum(batch["segment_ids"] > 0, dtype=jnp.int32)))
+
+
 def _summary(times, step_tokens, step, start_step, val_loss, flops_per_token, peak_flops) -> dict:
     """Totals over this call. tokens/s excludes the first step (compilation) when there are others."""
     skip = 1 if len(times) > 1 else 0
@@ -282,9 +296,12 @@ def _summary(times, step_tokens, step, start_step, val_loss, flops_per_token, pe
 
 def _log_summary(summary: dict) -> None:
     tps, mfu, mem = summary["tokens_per_s"], summary["mfu"], summary["peak_memory_bytes"]
-    log.info("trained %d steps (to step %d): %d tokens in %.1f s; %s tokens/s%s; peak memory %s (%s); MFU %s",
+    pad = summary.get("padding_fraction")
+    log.info("trained %d steps (to step %d): %d real tokens in %.1f s; %s tokens/s%s; padding %s; %d batch "
+             "shape(s), each compiled once; peak memory %s (%s); MFU %s",
              summary["steps"], summary["final_step"], summary["tokens"], summary["train_time_s"],
              "n/a" if tps is None else f"{tps:.0f}", " (first step excluded)" if summary["steps"] > 1 else "",
+             "n/a" if pad is None else f"{100 * pad:.1f}%", summary.get("batch_shapes", 0),
              "n/a" if mem is None else f"{mem / 2**30:.2f} GiB", summary["peak_memory_source"],
              "n/a" if mfu is None else f"{100 * mfu:.1f}%")
     before, after = summary.get("initial_val_loss"), summary["val_loss"]

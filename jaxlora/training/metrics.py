@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import resource
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -28,6 +29,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
+from jaxlora import storage
 from jaxlora.models.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -122,28 +124,47 @@ class MetricsWriter:
 
     On resume (`start_step` > 0) the CSV keeps its rows up to `start_step` and drops later ones,
     which belonged to the interrupted run. Only process 0 writes.
+
+    A URL out_dir (gs://...): objects cannot be appended to, so the CSV and the TensorBoard files are
+    written in a local staging directory and each is uploaded whole (replacing the object, which a
+    reader sees atomically) by `sync()` - which `fit` calls before each checkpoint save, so the CSV
+    on the bucket holds every row up to a saved step - at most every `upload_interval` seconds as
+    rows are written, and at `close()`.
     """
+
+    upload_interval = 30.0
 
     def __init__(self, out_dir: str | os.PathLike, *, csv_file: bool = True, tensorboard: bool = False,
                  start_step: int = 0):
-        self.path = Path(out_dir) / "metrics.csv"
-        self._file = self._csv = self._tb = None
+        self.remote = storage.is_url(out_dir)
+        self.out_dir = storage.path(out_dir)
+        self.path = self.out_dir / "metrics.csv"
+        self._file = self._csv = self._tb = self._staging = None
+        self._last_upload = time.monotonic()
         if jax.process_index() != 0:
             return
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        if self.remote:
+            self._staging = storage.local_dir("jaxlora-metrics-")
+            local_out = self._staging
+        else:
+            local_out = Path(out_dir)
+            local_out.mkdir(parents=True, exist_ok=True)
+        local_csv = local_out / "metrics.csv"
         if csv_file:
             kept = []
             if start_step > 0 and self.path.is_file():
-                with open(self.path, newline="") as f:
+                if self.remote:
+                    storage.download(self.path, local_csv)
+                with open(local_csv, newline="") as f:
                     kept = [row for row in csv.DictReader(f) if row.get("step") and int(row["step"]) <= start_step]
-            self._file = open(self.path, "w", newline="")
+            self._file = open(local_csv, "w", newline="")
             self._csv = csv.DictWriter(self._file, fieldnames=CSV_COLUMNS, extrasaction="ignore")
             self._csv.writeheader()
             self._csv.writerows(kept)
             self._file.flush()
         if tensorboard:
             from tensorboardX import SummaryWriter
-            self._tb = SummaryWriter(str(Path(out_dir) / "tensorboard"))
+            self._tb = SummaryWriter(str(local_out / "tensorboard"))
 
     def write(self, row: dict) -> None:
         if self._csv is not None:
@@ -153,9 +174,28 @@ class MetricsWriter:
             for key, value in row.items():
                 if key != "step" and value is not None:
                     self._tb.add_scalar(f"val/{key}" if key.startswith("val") else f"train/{key}", value, row["step"])
+        if self.remote and time.monotonic() - self._last_upload >= self.upload_interval:
+            self.sync()
+
+    def sync(self) -> None:
+        """Upload the staged files to a URL out_dir (nothing to do for a local one)."""
+        if self._staging is None:
+            return
+        if self._file is not None:
+            self._file.flush()
+            storage.upload(self._staging / "metrics.csv", self.path)
+        if self._tb is not None:
+            self._tb.flush()
+            storage.upload_dir(self._staging / "tensorboard", self.out_dir / "tensorboard")
+        self._last_upload = time.monotonic()
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-        if self._tb is not None:
-            self._tb.close()
+        try:
+            self.sync()
+        finally:
+            if self._file is not None:
+                self._file.close()
+            if self._tb is not None:
+                self._tb.close()
+            if self._staging is not None:
+                shutil.rmtree(self._staging, ignore_errors=True)

@@ -13,11 +13,11 @@ import json
 import logging
 import os
 from collections.abc import Sequence
-from pathlib import Path
 
 import jax
 from flax import nnx
 
+from jaxlora import storage
 from jaxlora.data import Tokenizer
 from jaxlora.data.prompts import PromptStyle
 from jaxlora.data.sources import Record
@@ -86,5 +86,5 @@ class Sampler:
                      f"  expected: {sample['expected']!r}"]
             lines += [f"  {when + ':':<9} {sample[when]!r}" for when in self.generated]
             log.info("\n".join(lines))
-        (Path(out_dir) / "samples.json").write_text(json.dumps(samples, indent=2) + "\n")
+        storage.write_text(storage.path(out_dir) / "samples.json", json.dumps(samples, indent=2) + "\n")
         return samples
