@@ -108,6 +108,14 @@ def make_hf_model(name: str, seed: int = 0):
     return model
 
 
+def save_base(name: str, path):
+    """`path` as the checkpoint of a random `make_hf_model(name)` with stand-in tokenizer files -> path."""
+    make_hf_model(name).save_pretrained(path, safe_serialization=True)
+    (path / "tokenizer_config.json").write_text('{"model_max_length": 64}')
+    (path / "tokenizer.json").write_text("{}")
+    return path
+
+
 def tokens(batch: int = 2, seq: int = SEQ, seed: int = 0) -> np.ndarray:
     return np.random.RandomState(seed).randint(0, VOCAB, (batch, seq))
 

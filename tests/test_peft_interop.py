@@ -16,9 +16,9 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-from _hf_helpers import hf_logits, make_hf_model, our_logits, randomize_lora, tokens  # noqa: E402
+from _hf_helpers import hf_logits, make_hf_model, our_logits, randomize_lora, save_base, tokens  # noqa: E402
 from flax import nnx  # noqa: E402
-from flax.traverse_util import flatten_dict  # noqa: E402
+from flax.traverse_util import flatten_dict, unflatten_dict  # noqa: E402
 
 import jaxlora  # noqa: E402
 from jaxlora.checkpoints.adapters import load_with_adapter, read_adapter  # noqa: E402
@@ -56,11 +56,7 @@ def bases(tmp_path_factory):
     """family -> base checkpoint dir (with fake tokenizer files)."""
     out = {}
     for name in CASES:
-        path = tmp_path_factory.mktemp(name)
-        make_hf_model(name).save_pretrained(path, safe_serialization=True)
-        (path / "tokenizer_config.json").write_text('{"model_max_length": 64}')
-        (path / "tokenizer.json").write_text("{}")
-        out[name] = path
+        out[name] = save_base(name, tmp_path_factory.mktemp(name))
     return out
 
 
@@ -168,12 +164,18 @@ def test_export_peft_cli(bases, adapted, tmp_path):
     np.testing.assert_allclose(hf_logits(peft_model, tokens()), ours, atol=ATOL, rtol=0)
 
 
-def test_mixtral_expert_lora_is_refused(tmp_path):
+def test_mixtral_expert_lora_exports_as_target_parameters(tmp_path):
+    """LoRA on Mixtral's experts (fused 3-D parameters in transformers 5) is written as PEFT's target_parameters
+    (parity with transformers + peft: test_moe_peft.py)."""
+    from jaxlora.checkpoints.peft import lora_shapes, write_peft_adapter
+
     config = jaxlora.ModelConfig.from_hf_config(make_hf_model("mixtral").config.to_dict())
     lora = jaxlora.LoRAConfig(r=2, mlp=True)
-    model = nnx.eval_shape(lambda: jaxlora.GPT(config, lora, rngs=nnx.Rngs(0)))
-    with pytest.raises(CheckpointError, match="Mixtral's experts cannot be expressed in PEFT's format"):
-        save_peft_adapter(model, tmp_path / "p")
+    params = {k: np.ones(v.shape, np.float32) for k, v in flatten_dict(lora_shapes(config, lora), sep="/").items()}
+    out = write_peft_adapter(config, lora, unflatten_dict(params, sep="/"), tmp_path / "p")
+    adapter = json.loads((out / "adapter_config.json").read_text())
+    assert adapter["target_modules"] == []
+    assert adapter["target_parameters"] == ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 
 
 def test_adapter_of_another_model_is_refused(bases, adapted, tmp_path, capsys):

@@ -13,6 +13,9 @@ per-part deltas exactly. The scale is kept through `rank_pattern` / `alpha_patte
 (alpha * k, or alpha * sqrt(k) with rsLoRA). The safetensors metadata records our LoRAConfig, so
 such a file loads back into rank-r adapters. A PEFT-trained fused adapter of rank r (dense A, B)
 loads into rank-r adapters on each part (A shared, B's rows of that part): also exact.
+
+The experts of a mixture-of-experts MLP are no modules in transformers 5 but fused 3-D parameters; their
+adapters travel as PEFT's `target_parameters` (`peft_experts`).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxlora.checkpoints import peft_experts
 from jaxlora.checkpoints.hf import fused_rows, hf_shape, read_safetensors
 from jaxlora.errors import CheckpointError
 from jaxlora.models.config import ModelConfig
@@ -99,13 +103,14 @@ def peft_tensors(config: ModelConfig, lora: LoRAConfig, params: dict) -> tuple[d
     if not lora.enabled:
         raise CheckpointError("the model has no LoRA adapters to export")
     modules: dict[str, list[tuple[Site, np.ndarray, np.ndarray]]] = {}
+    experts = []  # (site, its adapter params) of the adapted expert layers: PEFT's target_parameters
     for site in lora_sites(config):
         node = _get(params, site.path + ADAPTER)
         if not site.rank(lora) or node is None:
             continue
         if site.kernel.experts:
-            raise CheckpointError("LoRA on Mixtral's experts cannot be expressed in PEFT's format for transformers 5 "
-                                  "(its experts are fused 3-D parameters); train without lora_mlp to export to PEFT")
+            experts.append((site, node))
+            continue
         modules.setdefault(site.module, []).append(
             (site, np.asarray(node["lora_a"], np.float32), np.asarray(node["lora_b"], np.float32),
              None if "magnitude" not in node else np.asarray(node["magnitude"], np.float32)))
@@ -135,6 +140,16 @@ def peft_tensors(config: ModelConfig, lora: LoRAConfig, params: dict) -> tuple[d
     fields = dict(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, use_rslora=lora.use_rslora,
                   target_modules=_target_modules(config, sorted(targets), modules), rank_pattern=rank_pattern,
                   alpha_pattern=alpha_pattern)
+    if experts:
+        target_parameters, ranks, alphas, expert_tensors = peft_experts.export_experts(config, lora, experts)
+        rank_pattern.update(ranks)
+        alpha_pattern.update(alphas)
+        tensors.update(expert_tensors)
+        # PEFT refuses dropout on target_parameters; it only acts in training (our metadata keeps it)
+        fields.update(target_parameters=target_parameters, lora_dropout=0.0)
+        if lora.dropout:
+            log.warning("the PEFT adapter's lora_dropout is 0 instead of %g: PEFT has no dropout for LoRA on "
+                        "expert parameters (target_parameters)", lora.dropout)
     return fields, tensors
 
 
@@ -223,6 +238,7 @@ def read_peft_adapter(directory: str | os.PathLike, config: ModelConfig) -> tupl
             raise CheckpointError(f"{file} holds {key}, which is not a LoRA A/B weight (or, with use_dora, a DoRA "
                                   "magnitude) that jaxlora can load")
         modules.setdefault(m[1], {})[m[2] or "m"] = w.astype(np.float32)
+    experts = peft_experts.take_experts(config, cfg, modules, file)  # (layer, param) -> {"A", "B"}
     sites = lora_sites(config)
     owners: dict[str, set[str]] = {}  # HF module name -> the targets of the sites it holds
     for s in sites:
@@ -244,13 +260,21 @@ def read_peft_adapter(directory: str | os.PathLike, config: ModelConfig) -> tupl
         adapted = {s.module_at(i) for s in sites if s.rank(lora) and not s.kernel.experts
                    for i in (range(config.n_layer) if s.layered else [None])}
         stray = [name for name in modules if name not in adapted]
+        stray += peft_experts.stray_experts(config, lora, sites, experts)
         if stray:
             raise CheckpointError(f"{file} adapts {stray[0]}, which its jaxlora metadata does not switch on")
     else:
-        lora = _lora_config(cfg, modules, set().union(*(owners[name] for name in modules)))
+        ranks = {name: ab["A"].shape[0] for name, ab in modules.items()}
+        ranks.update(peft_experts.expert_ranks(config, experts))
+        lora = _lora_config(cfg, ranks, set().union(*(owners[name] for name in modules), {"mlp"} if experts else ()))
     shapes = lora_shapes(config, lora)
     params: dict = {}
-    missing = []
+    expert_shapes = {s.path: tuple(_get(shapes, s.path + ADAPTER)[k].shape for k in ("lora_a", "lora_b"))
+                     for s in sites if s.kernel.experts and s.rank(lora)}
+    expert_params, missing = peft_experts.import_experts(config, lora, sites, experts, expert_shapes, native=native,
+                                                         where=file)
+    for path, node in expert_params.items():
+        _put(params, path + ADAPTER, node)
     for group in _group_by_module(sites, lora).values():
         layers = list(range(config.n_layer)) if group[0].layered else [None]
         per_layer = []
@@ -316,23 +340,24 @@ def _read_adapter_config(path: Path) -> dict:
     unsupported = [(cfg.get("peft_type", "LORA") != "LORA", f"peft_type {cfg.get('peft_type')!r} (only LORA)"),
                    (cfg.get("bias", "none") != "none", "trained biases"),
                    (cfg.get("lora_bias"), "lora_bias"), (cfg.get("modules_to_save"), "modules_to_save"),
-                   (cfg.get("fan_in_fan_out"), "fan_in_fan_out"), (cfg.get("target_parameters"), "target_parameters")]
+                   (cfg.get("fan_in_fan_out"), "fan_in_fan_out")]
     for bad, what in unsupported:
         if bad:
             raise CheckpointError(f"{path} uses {what}, which jaxlora's LoRA cannot represent")
     return cfg
 
 
-def _lora_config(cfg: dict, modules: dict, on: set[str]) -> LoRAConfig:
-    """The single (r, alpha) of a foreign PEFT adapter; CheckpointError when its modules disagree."""
+def _lora_config(cfg: dict, ranks: dict[str, int], on: set[str]) -> LoRAConfig:
+    """The single (r, alpha) of a foreign PEFT adapter (ranks: module or parameter name -> its LoRA rank);
+    CheckpointError when its modules disagree."""
     pairs = {}
-    for name, ab in modules.items():
+    for name, rank in ranks.items():
         alpha = cfg.get("lora_alpha", 8)
         for key, value in (cfg.get("alpha_pattern") or {}).items():
             if re.match(rf"(.*\.)?({key})$", name):
                 alpha = value
                 break
-        pairs.setdefault((ab["A"].shape[0], float(alpha)), name)
+        pairs.setdefault((rank, float(alpha)), name)
     if len(pairs) > 1:
         shown = "; ".join(f"{m}: r={r}, alpha={a:g}" for (r, a), m in sorted(pairs.items()))
         raise CheckpointError(f"the PEFT adapter uses several ranks or alphas ({shown}), but a jaxlora model has one")
@@ -346,7 +371,7 @@ def _group_by_module(sites: list[Site], lora: LoRAConfig) -> dict[str, list[Site
     """The adapted sites by HF module (several for a fused module)."""
     groups: dict[str, list[Site]] = {}
     for site in sites:
-        if site.rank(lora):
+        if site.rank(lora) and not site.kernel.experts:  # experts: `peft_experts`
             groups.setdefault(site.module, []).append(site)
     return groups
 
