@@ -216,7 +216,7 @@ def _fill_quantized(fields: dict, src: Source, reader, config, n_layer: int | No
 
 def load_model(path: str | os.PathLike, *, dtype="float32", lora: LoRAConfig = LoRAConfig(), compute_dtype=None,
                quantize: str | None = None, remat: str = "none", scan_layers: bool = True, seed: int = 0,
-               mesh: Mesh | None = None, attention_impl: str = "auto") -> GPT:
+               mesh: Mesh | None = None, attention_impl: str = "auto", moe_dispatch: str = "auto") -> GPT:
     """A `GPT` with the frozen weights of the HF checkpoint in `path` and freshly initialised LoRA.
 
     dtype: the frozen weights' dtype (LoRA weights are fp32); compute_dtype: activations (default
@@ -238,7 +238,8 @@ def load_model(path: str | os.PathLike, *, dtype="float32", lora: LoRAConfig = L
 
     def build(quantize=quantize):
         return GPT(config, lora, param_dtype=dtype, compute_dtype=compute_dtype, quantize=quantize,
-                   scan_layers=scan_layers, remat=remat, attention_impl=attention_impl, rngs=nnx.Rngs(seed))
+                   scan_layers=scan_layers, remat=remat, attention_impl=attention_impl, moe_dispatch=moe_dispatch,
+                   rngs=nnx.Rngs(seed))
 
     graphdef, lora_abstract, base_abstract = nnx.split(nnx.eval_shape(build), nnx.LoRAParam, ...)
     float_base = (nnx.to_pure_dict(nnx.split(nnx.eval_shape(lambda: build(None)), nnx.LoRAParam, ...)[2])

@@ -6,9 +6,10 @@ is zeros, `scale = alpha / r` (or `alpha / sqrt(r)`, rsLoRA). Params are `nnx.Lo
 `lora.split_lora` separates them from the frozen weights) and fp32 whatever the frozen dtype.
 Dropout applies to the adapter's input only, and only when a dropout key is passed (training).
 
-An adapter is called as `adapter(x, y, layer, tied_kernel=..., dropout_key=...)` with the layer's
-input x ([n, in], or [..., e, in] for experts), its frozen output y (bias included) and the layer
-itself (for its weight), and returns the adapted output; `merge(w)` folds it into a float kernel.
+An adapter is called as `adapter(x, y, layer, tied_kernel=..., dropout_key=..., groups=...)` with the
+layer's input x ([n, in]; for experts [..., e, in], or [m, in] rows sorted by expert with their
+`grouped.ExpertGroups`), its frozen output y (bias included) and the layer itself (for its weight),
+and returns the adapted output; `merge(w)` folds it into a float kernel.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxlora.models import packing
+from jaxlora.models.grouped import ExpertGroups
 from jaxlora.models.linear import EXPERT_SPEC, logical_axes, matmul
 
 
@@ -43,19 +44,23 @@ class LoRA(nnx.Module):
         self.lora_b = nnx.LoRAParam(jnp.zeros(lead_shape + (rank, out_features), jnp.float32),
                                     **logical_axes(lead_axes + (None, axes[1])))
 
-    def update(self, x: jax.Array, out_dtype, experts: bool) -> jax.Array:
+    def update(self, x: jax.Array, out_dtype, experts: bool, groups: ExpertGroups | None = None) -> jax.Array:
         """x A B * scale (x already dropped out) in `out_dtype`; scaled as the [..., r] product (in fp32),
-        so no scaled [..., out] copy exists, forward or backward."""
+        so no scaled [..., out] copy exists, forward or backward. groups: x holds sorted expert rows, and
+        each row meets its own expert's A and B (grouped low-rank products)."""
         dtype = x.dtype
         a, b = self.lora_a[...], self.lora_b[...]  # fp32, multiplied in the compute dtype
+        if groups is not None:
+            xa = (groups.matmul(x, a, jnp.float32) * self.scale).astype(dtype)
+            return groups.matmul(xa, b, out_dtype)
         if experts:  # in the compute dtype first: XLA:CPU has no batched bf16 x bf16 -> f32 dot
             xa = (jnp.einsum(EXPERT_SPEC, x, a.astype(dtype)).astype(jnp.float32) * self.scale).astype(dtype)
             return jnp.einsum(EXPERT_SPEC, xa, b.astype(dtype), preferred_element_type=out_dtype)
         xa = (matmul(x, a, False, jnp.dtype(jnp.float32)) * self.scale).astype(dtype)
         return matmul(xa, b, False, jnp.dtype(out_dtype))
 
-    def __call__(self, x, y, layer, *, tied_kernel=None, dropout_key=None):
-        return y + self.update(_dropout(x, self.dropout, dropout_key), y.dtype, layer.experts)
+    def __call__(self, x, y, layer, *, tied_kernel=None, dropout_key=None, groups=None):
+        return y + self.update(_dropout(x, self.dropout, dropout_key), y.dtype, layer.experts, groups)
 
     def delta(self) -> jax.Array:
         """A B * scale [*lead, in, out] in fp32."""
@@ -92,16 +97,18 @@ class DoRA(LoRA):
         """m = the column norms of the adapted kernel (w: the layer's weight, fp32)."""
         self.magnitude[...] = self.column_norm(w.astype(jnp.float32))
 
-    def __call__(self, x, y, layer, *, tied_kernel=None, dropout_key=None):
+    def __call__(self, x, y, layer, *, tied_kernel=None, dropout_key=None, groups=None):
         ratio = self.magnitude[...] / self.column_norm(layer.weight(jnp.float32, tied_kernel))  # [*lead, out]
+        if groups is not None:
+            ratio = groups.per_row(ratio)  # [m, out]
         if dropout_key is None or self.dropout == 0.0:
             xd = x
-            base = y if layer.bias is None else y - packing.from_storage(layer.bias[...]).astype(y.dtype)  # x W
+            base = y if layer.bias is None else y - layer.bias_for(y.dtype, groups)  # x W
         else:
             xd = _dropout(x, self.dropout, dropout_key)
-            base = layer.frozen(xd, y.dtype, tied_kernel)
+            base = layer.frozen(xd, y.dtype, tied_kernel, groups)
         ratio = ratio.astype(y.dtype)
-        return y + (ratio - 1) * base + ratio * self.update(xd, y.dtype, layer.experts)
+        return y + (ratio - 1) * base + ratio * self.update(xd, y.dtype, layer.experts, groups)
 
     def merge(self, w: jax.Array) -> jax.Array:
         """m / n * (w + A B * scale), computed in fp32, in w's dtype."""

@@ -28,6 +28,7 @@ from flax import nnx
 from jaxlora.errors import ConfigError
 from jaxlora.models.config import ModelConfig
 from jaxlora.models import packing, rope
+from jaxlora.models.grouped import MOE_DISPATCH, ExpertGroups, sparse_pays
 from jaxlora.models.linear import Linear, logical_axes
 from jaxlora.models.lora import LoRAConfig, init_magnitudes
 
@@ -242,11 +243,15 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-    """GptNeoxMLP (fc -> gelu -> proj), LLaMAMLP (silu gate), GemmaMLP (gelu gate), LLaMAMoE (top-k experts)."""
+    """GptNeoxMLP (fc -> gelu -> proj), LLaMAMLP (silu gate), GemmaMLP (gelu gate), LLaMAMoE (top-k experts).
 
-    def __init__(self, config: ModelConfig, lora: LoRAConfig, param_dtype, quantize, rngs: nnx.Rngs):
+    moe_dispatch: one of MOE_DISPATCH ("auto": `grouped.sparse_pays` decides per call shape)."""
+
+    def __init__(self, config: ModelConfig, lora: LoRAConfig, param_dtype, quantize, rngs: nnx.Rngs,
+                 moe_dispatch: str = "auto"):
         c = config
         self.kind = c.mlp_class
+        self.moe_dispatch = moe_dispatch
         self.gelu_approximate = c.gelu_approximate
         experts = ((c.n_expert, "expert"),) if self.kind == "LLaMAMoE" else ()
 
@@ -264,13 +269,16 @@ class MLP(nnx.Module):
             bound = 1.0 / math.sqrt(c.n_embd)
             self.router = nnx.Param(jax.random.uniform(rngs.params(), (c.n_embd, c.n_expert), param_dtype,
                                                        -bound, bound), **logical_axes(("embed", None)))
-            self.top_k, self.norm_topk = c.n_expert_per_token, c.moe_norm_topk
+            self.n_expert, self.top_k, self.norm_topk = c.n_expert, c.n_expert_per_token, c.moe_norm_topk
 
     def __call__(self, x, keys):
         """x [b, t, d] -> [b, t, d]; keys: 3 dropout keys or None."""
         k0, k1, k2 = keys if keys is not None else (None,) * 3
         if self.kind == "LLaMAMoE":
-            return self._moe(x, k0, k1, k2)
+            tokens = x.shape[0] * x.shape[1]
+            sparse = self.moe_dispatch == "sparse" or (
+                self.moe_dispatch == "auto" and sparse_pays(tokens, self.n_expert, self.top_k))
+            return (self._moe_sparse if sparse else self._moe)(x, k0, k1, k2)
         # The activation is checkpointed: the backward pass recomputes it from the matmul
         # outputs instead of keeping its intermediates (2-4 more [b, t, intermediate] tensors per layer).
         if self.kind == "GptNeoxMLP":
@@ -287,25 +295,40 @@ class MLP(nnx.Module):
             return jax.nn.gelu(gate, approximate=self.gelu_approximate) * up
         return jax.nn.silu(gate) * up
 
-    def _moe(self, x, k0, k1, k2):
+    def _route(self, x):
         """Top-k routing: softmax over all experts' logits, top-k, renormalised or not (`moe_norm_topk`).
-
-        Dense dispatch: every expert runs on every token and unchosen experts get weight 0. Exact,
-        shape-static and simple; it costs n_expert / top_k times the FLOPs of sparse dispatch.
-        """
+        x [b, t, d] -> (experts int [b, t, k], their weights fp32 [b, t, k])."""
         router_logits = jnp.einsum("btd,de->bte", x, packing.from_storage(self.router[...]).astype(x.dtype),
                                    preferred_element_type=jnp.float32)
         top_logits, top_idx = jax.lax.top_k(router_logits, self.top_k)
         if self.norm_topk:  # softmax over the chosen experts = their softmax probabilities renormalised
-            top_w = jax.nn.softmax(top_logits, axis=-1)  # [b, t, k]
-        else:  # their probabilities under the softmax over all experts
-            top_w = jnp.take_along_axis(jax.nn.softmax(router_logits, axis=-1), top_idx, axis=-1)
-        weights = jnp.sum(jax.nn.one_hot(top_idx, router_logits.shape[-1]) * top_w[..., None], axis=-2)
-        n_expert = router_logits.shape[-1]
-        xe = jnp.broadcast_to(x[:, :, None, :], x.shape[:2] + (n_expert, x.shape[-1]))  # [b, t, e, d]
+            return top_idx, jax.nn.softmax(top_logits, axis=-1)
+        # their probabilities under the softmax over all experts
+        return top_idx, jnp.take_along_axis(jax.nn.softmax(router_logits, axis=-1), top_idx, axis=-1)
+
+    def _moe(self, x, k0, k1, k2):
+        """Dense dispatch: every expert runs on every token and unchosen experts get weight 0. Exact and
+        simple; n_expert / top_k times the FLOPs of sparse dispatch (the reference for `_moe_sparse`)."""
+        top_idx, top_w = self._route(x)
+        weights = jnp.sum(jax.nn.one_hot(top_idx, self.n_expert) * top_w[..., None], axis=-2)  # [b, t, e]
+        xe = jnp.broadcast_to(x[:, :, None, :], x.shape[:2] + (self.n_expert, x.shape[-1]))  # [b, t, e, d]
         h = self._gated(self.fc_1(xe, dropout_key=k0), self.fc_2(xe, dropout_key=k1))
         y = self.proj(h, dropout_key=k2)  # [b, t, e, d]
         return jnp.einsum("bted,bte->btd", y, weights.astype(y.dtype))
+
+    def _moe_sparse(self, x, k0, k1, k2):
+        """Sparse dispatch: the b * t * top_k (token, expert) rows sorted by expert, each expert's matmuls one
+        grouped matmul over its rows (`grouped.ExpertGroups`; LoRA on the experts as grouped low-rank
+        products), scattered back onto the tokens with the routing weights. Exact: no capacity, no drops."""
+        b, t, d = x.shape
+        top_idx, top_w = self._route(x)
+        groups, order = ExpertGroups.sort(top_idx.reshape(-1), self.n_expert)
+        token = order // self.top_k  # [b * t * k]: the token of each sorted row
+        xs = x.reshape(b * t, d)[token]
+        h = self._gated(self.fc_1(xs, dropout_key=k0, groups=groups), self.fc_2(xs, dropout_key=k1, groups=groups))
+        y = self.proj(h, dropout_key=k2, groups=groups)  # [b * t * k, d]
+        y = y * top_w.reshape(-1)[order][:, None].astype(y.dtype)
+        return jnp.zeros((b * t, d), y.dtype).at[token].add(y).reshape(b, t, d)
 
 
 class Block(nnx.Module):
@@ -313,7 +336,7 @@ class Block(nnx.Module):
     (both: Gemma 2/3; post only: OLMo 2), sequential or parallel residual (norm_2 None: shared norm)."""
 
     def __init__(self, config: ModelConfig, lora: LoRAConfig, param_dtype, quantize, rngs: nnx.Rngs,
-                 attention_impl: str = "xla"):
+                 attention_impl: str = "xla", moe_dispatch: str = "auto"):
         c = config
         self.parallel_residual = c.parallel_residual
         self.residual_multiplier = c.residual_multiplier
@@ -321,7 +344,7 @@ class Block(nnx.Module):
         self.attn = Attention(c, lora, param_dtype, quantize, rngs, attention_impl)
         self.post_attention_norm = Norm(c.n_embd, c, param_dtype) if c.post_attention_norm else None
         self.norm_2 = None if c.shared_attention_norm or not c.pre_norm else Norm(c.n_embd, c, param_dtype)
-        self.mlp = MLP(c, lora, param_dtype, quantize, rngs)
+        self.mlp = MLP(c, lora, param_dtype, quantize, rngs, moe_dispatch)
         self.post_mlp_norm = Norm(c.n_embd, c, param_dtype) if c.post_mlp_norm else None
 
     def __call__(self, x, cos, sin, mask, dropout_key=None, cache=None, index=None):
@@ -350,10 +373,12 @@ class GPT(nnx.Module):
 
     def __init__(self, config: ModelConfig, lora: LoRAConfig = LoRAConfig(), *, param_dtype=jnp.float32,
                  compute_dtype=None, quantize: str | None = None, scan_layers: bool = True, remat: str = "none",
-                 attention_impl: str = "auto", rngs: nnx.Rngs):
+                 attention_impl: str = "auto", moe_dispatch: str = "auto", rngs: nnx.Rngs):
         """quantize: a `models.quant` format for every block's linear kernels (QLoRA); the embedding,
         norms, router and head stay in `param_dtype`. attention_impl: one of ATTENTION_IMPLS
-        (`attention_implementation`)."""
+        (`attention_implementation`). moe_dispatch: one of MOE_DISPATCH (`MLP`)."""
+        if moe_dispatch not in MOE_DISPATCH:
+            raise ConfigError(f"model.moe_dispatch must be one of {', '.join(MOE_DISPATCH)}, got {moe_dispatch!r}")
         c = config
         impl = attention_implementation(attention_impl, c, compute_dtype or param_dtype)
         self.config, self.lora, self.quantize = c, lora, quantize
@@ -365,7 +390,7 @@ class GPT(nnx.Module):
         @nnx.split_rngs(splits=c.n_layer)
         @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
         def make_blocks(rngs):
-            return Block(c, lora, param_dtype, quantize, rngs, impl)
+            return Block(c, lora, param_dtype, quantize, rngs, impl, moe_dispatch)
 
         self.blocks = make_blocks(rngs)
         self.ln_f = Norm(c.n_embd, c, param_dtype)

@@ -9,7 +9,8 @@
   scan only ever holds one layer's weights in full precision (and the backward pass recomputes them);
 - a tied kernel (`tied=True`): no kernel here, the caller passes the embedding [out, in] per call.
 
-Lead dims are experts (an MoE layer's batched kernels, x [..., e, in]) or nothing (x [..., in]).
+Lead dims are experts (an MoE layer's batched kernels: x [..., e, in] for dense dispatch, or x [m, in]
+rows sorted by expert with their `grouped.ExpertGroups` for sparse dispatch) or nothing (x [..., in]).
 The adapter (`models.adapters`) is a submodule; its params live under `<path>.adapter`.
 """
 
@@ -22,6 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxlora.models import packing, quant
+from jaxlora.models.grouped import ExpertGroups
 
 EXPERT_SPEC = "...ei,eio->...eo"  # x [..., e, in] times kernel [e, in, out]
 
@@ -131,29 +133,41 @@ class Linear(nnx.Module):
             return self.kernel.dequantize(dtype)
         return packing.from_storage(self.kernel[...]).astype(dtype)
 
-    def frozen(self, x: jax.Array, out_dtype, tied_kernel: jax.Array | None = None) -> jax.Array:
-        """x W without the bias: x [n, in] (dense) or [..., e, in] (experts) -> [n | ..., out] in `out_dtype`."""
+    def frozen(self, x: jax.Array, out_dtype, tied_kernel: jax.Array | None = None,
+               groups: ExpertGroups | None = None) -> jax.Array:
+        """x W without the bias: x [n, in] (dense), [..., e, in] (experts) or [m, in] (experts, sorted rows of
+        `groups`) -> [n | ... | m, out] in `out_dtype`."""
         if self.quantized:  # dequantised inside a checkpoint: the backward pass keeps the codes, not W
             fmt, n_in, names = self.kernel.fmt, self.kernel.in_features, self.kernel.names
+            group_arrays, group_tree = jax.tree.flatten(groups)  # (the checkpoint takes arrays only)
 
-            def product(x, *fields):
-                w = quant.dequantize(dict(zip(names, fields)), fmt, n_in, x.dtype)
-                return self._product(x, w, False, out_dtype)
+            def product(x, *arrays):
+                groups = jax.tree.unflatten(group_tree, arrays[:len(group_arrays)])
+                w = quant.dequantize(dict(zip(names, arrays[len(group_arrays):])), fmt, n_in, x.dtype)
+                return self._product(x, w, False, out_dtype, groups)
 
-            return packing.checkpoint(product)(x, *self.kernel.arrays().values())
+            return packing.checkpoint(product)(x, *group_arrays, *self.kernel.arrays().values())
         if self.kernel is None:
             return self._product(x, tied_kernel, True, out_dtype)
-        return self._product(x, self.kernel[...], False, out_dtype)
+        return self._product(x, self.kernel[...], False, out_dtype, groups)
 
-    def _product(self, x, w, transposed, out_dtype):
+    def _product(self, x, w, transposed, out_dtype, groups=None):
+        if groups is not None:
+            return groups.matmul(x, packing.from_storage(w), out_dtype)
         if self.experts:
             return jnp.einsum(EXPERT_SPEC, x, packing.from_storage(w).astype(x.dtype), preferred_element_type=out_dtype)
         return matmul(x, w, transposed, jnp.dtype(out_dtype))
 
+    def bias_for(self, dtype, groups: ExpertGroups | None = None) -> jax.Array:
+        """The bias [*lead, out] in `dtype` ([m, out], each row its expert's, with `groups`)."""
+        bias = packing.from_storage(self.bias[...]).astype(dtype)
+        return bias if groups is None else groups.per_row(bias)
+
     def __call__(self, x: jax.Array, *, tied_kernel: jax.Array | None = None, dropout_key: jax.Array | None = None,
-                 out_dtype=None) -> jax.Array:
-        """x: [..., in] ([..., e, in] for experts) in the compute dtype -> [..., out] in `out_dtype`
-        (default x's dtype). tied_kernel: the embedding [out, in] of a tied layer (as stored or as bits).
+                 out_dtype=None, groups: ExpertGroups | None = None) -> jax.Array:
+        """x: [..., in] ([..., e, in] for experts, or [m, in] rows sorted by `groups`) in the compute dtype ->
+        [..., out] in `out_dtype` (default x's dtype). tied_kernel: the embedding [out, in] of a tied layer
+        (as stored or as bits).
 
         Dense layers multiply as 2-D dots (`matmul`): XLA's CPU backend makes slow transposed copies
         of the gradients of [b, t, .] ones (2-3x the step time at 5-100M params).
@@ -162,11 +176,11 @@ class Linear(nnx.Module):
         lead = x.shape[:-1]
         if not self.experts:
             x = x.reshape(-1, x.shape[-1])
-        y = self.frozen(x, out_dtype, tied_kernel)
+        y = self.frozen(x, out_dtype, tied_kernel, groups)
         if self.bias is not None:
-            y = y + packing.from_storage(self.bias[...]).astype(out_dtype)
+            y = y + self.bias_for(out_dtype, groups)
         if self.adapter is not None:
-            y = self.adapter(x, y, self, tied_kernel=tied_kernel, dropout_key=dropout_key)
+            y = self.adapter(x, y, self, tied_kernel=tied_kernel, dropout_key=dropout_key, groups=groups)
         return y.reshape(*lead, y.shape[-1])
 
 
