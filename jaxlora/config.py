@@ -26,6 +26,7 @@ from jaxlora import storage
 from jaxlora.errors import ConfigError
 from jaxlora.models import lora, quant
 from jaxlora.models.gpt import ATTENTION_IMPLS, REMAT_CHOICES
+from jaxlora.models.grouped import MOE_DISPATCH
 from jaxlora.training.optim import OPTIMIZERS
 from jaxlora.training.precision import POLICIES
 from jaxlora.training.sharding import MESH_AXES
@@ -109,13 +110,15 @@ def base_config() -> ml_collections.ConfigDict:
     cfg.data.length_bucket = _optional(64, int)  # pad each batch to its longest row, rounded up to this; None: full
     cfg.data.packing = False  # concatenate train examples into rows (data.packed); global_batch_size counts rows
 
-    cfg.model = ml_collections.ConfigDict({"attention_impl": "auto"})  # one of models.gpt.ATTENTION_IMPLS
+    # one of models.gpt.ATTENTION_IMPLS; one of models.grouped.MOE_DISPATCH (MoE models: dense or sparse experts)
+    cfg.model = ml_collections.ConfigDict({"attention_impl": "auto", "moe_dispatch": "auto"})
     cfg.logger = ml_collections.ConfigDict({"csv": True, "tensorboard": False})
     cfg.checkpoint = ml_collections.ConfigDict()
     cfg.checkpoint.max_to_keep = _optional(None, int)  # None: keep every step
     cfg.checkpoint.keep_best = 0  # also keep this many lowest-val-loss steps (with max_to_keep)
     cfg.checkpoint.async_save = True
-    cfg.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})  # -1: the remaining devices
+    # -1: the remaining devices; expert > 1 splits MoE experts (and the batch) over that many devices
+    cfg.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1, "expert": 1})
     cfg.distributed = ml_collections.ConfigDict()
     cfg.distributed.coordinator_address = _optional(None, str)  # all None: single host or auto-detect
     cfg.distributed.num_processes = _optional(None, int)
@@ -309,6 +312,7 @@ def validate(
                           "data.mask_prompt=True; set --config.data.mask_prompt=True")
     _check_data(cfg.data)
     _one_of("model.attention_impl", cfg.model.attention_impl, ATTENTION_IMPLS)
+    _one_of("model.moe_dispatch", cfg.model.moe_dispatch, MOE_DISPATCH)
     _check_checkpointing(cfg.checkpoint)
     _check_mesh(cfg.mesh)
     _check_distributed(cfg.distributed)
@@ -318,7 +322,7 @@ def validate(
 # steps to come (a longer run lengthens the lr schedule; another mesh gives fp-close, not bitwise, steps).
 RESUME_SAFE = ("out_dir", "resume", "train.save_interval", "train.log_interval", "train.max_time", "train.epochs",
                "train.max_steps", "train.remat", "eval.", "logger.", "checkpoint.", "mesh.", "distributed.",
-               "data.download_dir", "model.attention_impl")
+               "data.download_dir", "model.attention_impl", "model.moe_dispatch")
 _PATHS = ("checkpoint_dir", "data.json_path")  # compared as the files they name
 
 

@@ -87,7 +87,7 @@ def finetune(cfg) -> FitResult:
     lora_settings = lora_config(cfg)
     model = load_model(cfg.checkpoint_dir, dtype=policy.param_dtype, compute_dtype=policy.compute_dtype,
                        lora=lora_settings, quantize=quant.resolve(cfg.quantize), remat=t.remat, mesh=mesh,
-                       attention_impl=cfg.model.attention_impl)
+                       attention_impl=cfg.model.attention_impl, moe_dispatch=cfg.model.moe_dispatch)
     graphdef, lora_params, base = split_lora(model)
     del model
     base = shard_params(base, mesh)  # already placed by load_model: a no-op
@@ -246,7 +246,7 @@ def _check_resume_config(source_dir: Path, step: int | None, run_config: dict) -
 
 def mesh_from_config(mesh_cfg):
     """The (data, fsdp, tensor) mesh of `cfg.mesh` over all devices of all processes (one size may be -1)."""
-    return make_mesh(mesh_shape(mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor, jax.device_count()))
+    return make_mesh(mesh_shape(mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor, jax.device_count(), mesh_cfg.expert))
 
 
 def run_length(steps_per_epoch: int, epochs: int | None, max_steps: int | None) -> int:

@@ -83,7 +83,7 @@ def test_base_config_defaults():
     assert (cfg.train.global_batch_size, cfg.train.micro_batch_size, cfg.train.epochs) == (16, 1, 5)
     assert (cfg.train.lr_warmup_steps, cfg.train.save_interval, cfg.eval.interval) == (100, 1000, 100)
     assert (cfg.train.grad_accumulation, cfg.train.remat) == ("scan", "none")
-    assert dict(cfg.mesh) == {"data": -1, "fsdp": 1, "tensor": 1}
+    assert dict(cfg.mesh) == {"data": -1, "fsdp": 1, "tensor": 1, "expert": 1}
 
 
 # --- overrides ---------------------------------------------------------------------------------

@@ -141,6 +141,9 @@ def test_bad_mesh_shape_is_one_sentence(sizes, devices, message):
 
 
 def test_mesh_shape_fills_the_remaining_devices():
-    assert mesh_shape(-1, 1, 1, 8) == (8, 1, 1)
-    assert mesh_shape(2, -1, 2, 8) == (2, 2, 2)
-    assert mesh_shape(1, 8, 1, 8) == (1, 8, 1)
+    assert mesh_shape(-1, 1, 1, 8) == (8, 1, 1, 1)
+    assert mesh_shape(2, -1, 2, 8) == (2, 2, 2, 1)
+    assert mesh_shape(1, 8, 1, 8) == (1, 8, 1, 1)
+    assert mesh_shape(-1, 1, 1, 8, expert=4) == (2, 1, 1, 4)
+    with pytest.raises(ConfigError, match=r"^mesh.data=1 x mesh.fsdp=1 x mesh.tensor=1 x mesh.expert=4 = 4 devices"):
+        mesh_shape(1, 1, 1, 8, expert=4)

@@ -1,9 +1,11 @@
 """Device mesh, partition rules and multi-host data placement.
 
 Mesh axes (outermost first): `data` (pure data parallelism: parameters replicated), `fsdp`
-(data parallelism with the frozen weights, LoRA params and optimizer state sharded: ZeRO-3) and
-`tensor` (tensor parallelism: attention heads, MLP width and vocabulary split). A single device
-is a 1x1x1 mesh.
+(data parallelism with the frozen weights, LoRA params and optimizer state sharded: ZeRO-3),
+`tensor` (tensor parallelism: attention heads, MLP width and vocabulary split) and `expert`
+(expert parallelism: an MoE layer's experts, frozen and adapters, split; its devices also split
+the batch, so tokens travel to their experts' devices and back, as XLA lays out the dispatch).
+A single device is a 1x1x1x1 mesh.
 
 Every parameter carries logical axis names (`out_sharding` metadata, see `models.linear.logical_axes`);
 `RULES` maps each logical axis to a mesh axis, the same way for frozen weights, LoRA params and
@@ -15,11 +17,11 @@ Every parameter carries logical axis names (`out_sharding` metadata, see `models
   kv_heads -> tensor   k/v width
   mlp      -> tensor   MLP hidden width
   vocab    -> tensor   embedding rows / head columns
-  expert   -> None     MoE experts stay whole on each device
+  expert   -> expert   MoE experts (size 1 unless mesh.expert is set: whole on each device)
 
 A parameter dimension that its mesh axis does not divide, or whose mesh axis an earlier dimension
-already uses, stays replicated. The batch [accum, micro_batch, seq] is split over (data, fsdp)
-along the micro-batch axis and replicated over tensor; each process builds only its own rows
+already uses, stays replicated. The batch [accum, micro_batch, seq] is split over (data, fsdp,
+expert) along the micro-batch axis and replicated over tensor; each process builds only its own rows
 (`batch_slice`, `global_batch_from_local`). `place` and `host_copy` move process-local values to
 global arrays and back; `initialize_distributed` joins a multi-process run.
 """
@@ -39,9 +41,9 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from jaxlora.errors import ConfigError
 
-DATA, FSDP, TENSOR = "data", "fsdp", "tensor"
-MESH_AXES = (DATA, FSDP, TENSOR)
-BATCH_AXES = (DATA, FSDP)  # the batch is split over both data-parallel axes
+DATA, FSDP, TENSOR, EXPERT = "data", "fsdp", "tensor", "expert"
+MESH_AXES = (DATA, FSDP, TENSOR, EXPERT)
+BATCH_AXES = (DATA, FSDP, EXPERT)  # the batch is split over every axis but tensor
 BATCH_SPEC = P(None, BATCH_AXES, None)  # [accum, micro_batch, seq]
 EVAL_BATCH_SPEC = P(BATCH_AXES, None)  # [micro_batch, seq]
 
@@ -52,7 +54,7 @@ RULES: tuple[tuple[str, str | None], ...] = (
     ("kv_heads", TENSOR),
     ("mlp", TENSOR),
     ("vocab", TENSOR),
-    ("expert", None),
+    ("expert", EXPERT),
 )
 
 
@@ -60,14 +62,14 @@ RULES: tuple[tuple[str, str | None], ...] = (
 # Mesh
 
 
-def mesh_shape(data: int, fsdp: int, tensor: int, n_devices: int) -> tuple[int, int, int]:
-    """The (data, fsdp, tensor) sizes for `n_devices`; one size may be -1 (the remaining devices).
+def mesh_shape(data: int, fsdp: int, tensor: int, n_devices: int, expert: int = 1) -> tuple[int, int, int, int]:
+    """The (data, fsdp, tensor, expert) sizes for `n_devices`; one size may be -1 (the remaining devices).
 
     ConfigError (one sentence) when the sizes do not multiply to the device count.
     """
-    sizes = {DATA: data, FSDP: fsdp, TENSOR: tensor}
+    sizes = {DATA: data, FSDP: fsdp, TENSOR: tensor, EXPERT: expert}
     fixed = math.prod(s for s in sizes.values() if s != -1)
-    given = " x ".join(f"mesh.{a}={s}" for a, s in sizes.items())
+    given = " x ".join(f"mesh.{a}={s}" for a, s in sizes.items() if a != EXPERT or s != 1)
     fills = [a for a, s in sizes.items() if s == -1]
     if fills:
         if n_devices % fixed:
@@ -77,24 +79,25 @@ def mesh_shape(data: int, fsdp: int, tensor: int, n_devices: int) -> tuple[int, 
     elif fixed != n_devices:
         raise ConfigError(f"{given} = {fixed} devices, but there are {n_devices}; make the product {n_devices} "
                           f"or set one axis to -1")
-    return sizes[DATA], sizes[FSDP], sizes[TENSOR]
+    return sizes[DATA], sizes[FSDP], sizes[TENSOR], sizes[EXPERT]
 
 
-def make_mesh(shape: tuple[int, int, int] | None = None, devices=None) -> Mesh:
-    """A (data, fsdp, tensor) mesh over `devices` (default: all devices of all processes).
+def make_mesh(shape: tuple[int, ...] | None = None, devices=None) -> Mesh:
+    """A (data, fsdp, tensor, expert) mesh over `devices` (default: all devices of all processes).
 
-    shape: the axis sizes (default: every device on `data`). `jax.make_mesh` lays the devices
+    shape: the axis sizes, trailing ones 1 if left out (default: every device on `data`). `jax.make_mesh` lays the devices
     out (process by process on CPU/GPU, so the inner axes stay within a host; along the physical
     topology on TPU). Axis types are Auto: with Explicit axes the embedding gather fails to shard.
     """
     devices = jax.devices() if devices is None else list(devices)
-    shape = (len(devices), 1, 1) if shape is None else tuple(shape)
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+    shape = (len(devices),) if shape is None else tuple(shape)
+    shape += (1,) * (len(MESH_AXES) - len(shape))
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
 
 
 def data_parallel_size(mesh: Mesh) -> int:
-    """Ways the batch is split: data x fsdp."""
-    return mesh.shape[DATA] * mesh.shape[FSDP]
+    """Ways the batch is split: data x fsdp x expert."""
+    return math.prod(mesh.shape[a] for a in BATCH_AXES)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,7 +150,7 @@ def train_state_shardings(state, lora_shardings: dict, optimizer: optax.Gradient
 
 
 def activation_sharding(mesh: Mesh) -> NamedSharding:
-    """The sharding of [batch, seq, width] activations: batch over (data, fsdp), the rest whole."""
+    """The sharding of [batch, seq, width] activations: batch over (data, fsdp, expert), the rest whole."""
     return NamedSharding(mesh, P(BATCH_AXES, None, None))
 
 
