@@ -95,7 +95,7 @@ def gcs_fs():
 
 def tiny_finetune_config(tmp_path: Path, out_dir: str, *, max_steps: int):
     """A finetune config on a tiny Llama-shaped checkpoint dir and a 12-record JSON dataset (as test_loop's
-    end-to-end test); load_model must be faked with `fake_load_model`."""
+    end-to-end test); load_model must be faked with `_train_helpers.fake_load_model`."""
     from _data_helpers import LLAMA2_TOKENIZER_CONFIG, make_sentencepiece_dir, write_json
 
     from jaxlora.config import base_config
@@ -119,17 +119,6 @@ def tiny_finetune_config(tmp_path: Path, out_dir: str, *, max_steps: int):
     cfg.eval.update(interval=2, max_iters=1, max_new_tokens=None)
     cfg.checkpoint.max_to_keep = None
     return cfg
-
-
-def fake_load_model(path, *, dtype, compute_dtype, lora, remat, quantize=None, mesh=None, attention_impl="auto"):
-    """Random weights of the checkpoint dir's architecture (no weights file needed)."""
-    from flax import nnx
-
-    from jaxlora.models.config import ModelConfig
-    from jaxlora.models.gpt import GPT
-
-    return GPT(ModelConfig.from_hf_config(path), lora, param_dtype=dtype, compute_dtype=compute_dtype,
-               remat=remat, rngs=nnx.Rngs(0))
 
 
 def load_safetensors_bytes(data: bytes) -> dict[str, np.ndarray]:

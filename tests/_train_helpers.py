@@ -21,6 +21,13 @@ LORA = LoRAConfig(r=4, alpha=8, dropout=0.1, query=True, value=True, mlp=True, h
 
 
 @functools.lru_cache(maxsize=None)
+def fake_load_model(path, *, dtype, compute_dtype, lora, remat, **unused):
+    """`jaxlora.load_model` for finetune job tests: random weights of the checkpoint dir's architecture (no
+    weights file needed); the other choices (quantize, mesh, attention_impl, moe_dispatch) are left at defaults."""
+    return GPT(ModelConfig.from_hf_config(path), lora, param_dtype=dtype, compute_dtype=compute_dtype,
+               remat=remat, rngs=nnx.Rngs(0))
+
+
 def tiny_split(dropout: float = 0.0):
     """-> (graphdef, lora_params, base_params) of a random 2-layer f32 model, LoRA B made non-zero.
 

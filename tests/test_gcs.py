@@ -17,7 +17,8 @@ for _package in ("gcsfs", "gcp_storage_emulator"):
     if importlib.util.find_spec(_package) is None:
         pytest.skip(f"{_package} is not installed (the test extra installs it)", allow_module_level=True)
 
-from _gcs_helpers import BUCKET, emulator, fake_load_model, gcs_fs, load_safetensors_bytes, tiny_finetune_config  # noqa: E402
+from _gcs_helpers import BUCKET, emulator, gcs_fs, load_safetensors_bytes, tiny_finetune_config  # noqa: E402
+from _train_helpers import fake_load_model  # noqa: E402
 
 
 @pytest.fixture(scope="module")

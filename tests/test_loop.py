@@ -231,12 +231,9 @@ def test_finetune_job_end_to_end_and_resume(tmp_path, monkeypatch, caplog):
     a sentencepiece tokenizer and a JSON dataset; then resumed to a later step."""
     import jaxlora
     from _data_helpers import LLAMA2_TOKENIZER_CONFIG, make_sentencepiece_dir, write_json
-    from flax import nnx
     from safetensors.numpy import load_file
 
     from jaxlora.config import base_config
-    from jaxlora.models.config import ModelConfig
-    from jaxlora.models.gpt import GPT
     from jaxlora.finetune import finetune
 
     ckpt = make_sentencepiece_dir(tmp_path / "ckpt", LLAMA2_TOKENIZER_CONFIG)
@@ -248,9 +245,7 @@ def test_finetune_job_end_to_end_and_resume(tmp_path, monkeypatch, caplog):
                "red green blue cat dog fish sun moon one two three four".split()]
     write_json(tmp_path / "data.json", records)
 
-    def fake_load_model(path, *, dtype, compute_dtype, lora, remat, quantize=None, mesh=None, attention_impl="auto"):
-        return GPT(ModelConfig.from_hf_config(path), lora, param_dtype=dtype, compute_dtype=compute_dtype,
-                   remat=remat, rngs=nnx.Rngs(0))
+    from _train_helpers import fake_load_model
 
     monkeypatch.setattr(jaxlora, "load_model", fake_load_model, raising=False)
     cfg = base_config()
