@@ -117,6 +117,7 @@ class Setting:
     remat: str
     mode: str
     quantize: str | None  # a `models.quant` format for the block kernels (QLoRA); None: param dtype (LoRA)
+    moe_dispatch: str = "auto"  # MoE models: `models.grouped.MOE_DISPATCH`
 
     def lora(self) -> jaxlora.LoRAConfig:
         return jaxlora.LoRAConfig(r=self.rank, alpha=self.alpha, **{t: t in self.targets for t in LORA_TARGETS})
@@ -155,7 +156,7 @@ def abstract_model(s: Setting, precision: str) -> jaxlora.GPT:
     config = jaxlora.ModelConfig.from_name(s.model)
     return nnx.eval_shape(lambda: jaxlora.GPT(config, s.lora(), param_dtype=policy.param_dtype,
                                               compute_dtype=policy.compute_dtype, quantize=s.quantize,
-                                              remat=s.remat, rngs=nnx.Rngs(0)))
+                                              remat=s.remat, moe_dispatch=s.moe_dispatch, rngs=nnx.Rngs(0)))
 
 
 def quantized_bytes(model: jaxlora.GPT) -> int:
