@@ -74,6 +74,9 @@ class ExpertGroups:
         n_tiles = self.tile_expert.shape[0]
         tiles = jnp.zeros((n_tiles * self.tile, d), x.dtype).at[self.slot].set(x).reshape(n_tiles, self.tile, d)
 
+        # checkpointed: the backward pass slices w[e] again instead of keeping a copy per tile (which
+        # would hold n_tiles expert kernels: 3.7 GB per Mixtral-8x7B matrix and layer at 512 tokens)
+        @jax.checkpoint
         def one_tile(_, inputs):
             rows, e = inputs
             product = jnp.dot(rows, jax.lax.dynamic_index_in_dim(w, e, keepdims=False),
@@ -89,20 +92,45 @@ class ExpertGroups:
 
 
 MOE_DISPATCH = ("auto", "dense", "sparse")  # how an MoE layer runs its experts (models.gpt.MLP)
-# CPU: measured cost of a sparse row relative to a dense (token, expert) product (benchmarks/moe_dispatch.py)
+# CPU rule constants, from benchmarks/moe_dispatch.py (RESULTS.md): below MIN_SPARSE_ROWS assignments the sort,
+# the scatter and the tile loop cost more than dense dispatch saves; above it a sparse row (padding included)
+# costs about SPARSE_ROW_COST dense (token, expert) products.
+MIN_SPARSE_ROWS = 64
 SPARSE_ROW_COST = 2.0
 
 
 def sparse_pays(tokens: int, n_expert: int, top_k: int) -> bool:
     """The "auto" dispatch rule for a layer call on `tokens` tokens (static shapes: decided while tracing).
 
-    GPU / TPU (native grouped GEMM): sparse whenever it skips work (n_expert > top_k). CPU: sparse when its
-    rows, padding included, cost less than dense dispatch's tokens * n_expert products:
-    (tokens * top_k + n_expert * (tile - 1)) * SPARSE_ROW_COST < tokens * n_expert.
+    GPU / TPU (native grouped GEMM): sparse whenever it skips work (n_expert > top_k); not measured here.
+    CPU: sparse when there are at least MIN_SPARSE_ROWS assignments and their rows plus the expected tile
+    padding cost less than dense dispatch's tokens * n_expert products:
+    (tokens * top_k + n_expert * (tile - 1) / 2) * SPARSE_ROW_COST < tokens * n_expert.
     """
     if n_expert <= top_k:
         return False
     if jax.default_backend() in ("gpu", "tpu"):
         return True
     rows = tokens * top_k
-    return (rows + n_expert * (tile_rows(rows, n_expert) - 1)) * SPARSE_ROW_COST < tokens * n_expert
+    padding = n_expert * (tile_rows(rows, n_expert) - 1) / 2
+    return rows >= MIN_SPARSE_ROWS and (rows + padding) * SPARSE_ROW_COST < tokens * n_expert
+
+
+def router_statistics(top_idx: jax.Array, probs: jax.Array, token_weights: jax.Array) -> jax.Array:
+    """One layer's routing over the weighted tokens, fp32 [2, E]: row 0 the top-k assignments per expert,
+    row 1 the summed router probabilities per expert. top_idx int [b, t, k], probs fp32 [b, t, E],
+    token_weights fp32 [b, t] (0 for padding)."""
+    n_expert, k = probs.shape[-1], top_idx.shape[-1]
+    w = token_weights.reshape(-1)
+    counts = jnp.zeros(n_expert, jnp.float32).at[top_idx.reshape(-1)].add(jnp.repeat(w, k))
+    return jnp.stack([counts, jnp.einsum("bte,bt->e", probs, token_weights)])
+
+
+def load_balancing_loss(stats: jax.Array, tokens: jax.Array) -> jax.Array:
+    """The Switch Transformer auxiliary loss as transformers' `load_balancing_loss_func` computes it over all
+    layers at once: E * sum_e f_e * P_e, with f_e the top-k assignments to expert e and P_e its summed router
+    probability, each divided by the rows (layers x real tokens). stats fp32 [layers, 2, E]; tokens: real
+    tokens of the batch."""
+    rows = jnp.maximum(stats.shape[0] * tokens, 1.0)
+    counts, probs = jnp.sum(stats, axis=0) / rows
+    return stats.shape[-1] * jnp.sum(counts * probs)
