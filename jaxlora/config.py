@@ -78,6 +78,9 @@ def base_config() -> ml_collections.ConfigDict:
     cfg.train.max_norm = _optional(None, float)  # gradient clipping by global norm
     cfg.train.grad_accumulation = "scan"  # one of training.step.MODES
     cfg.train.remat = "none"  # one of models.gpt.REMAT_CHOICES
+    # MoE models: train on loss + coef x the router load-balancing loss (transformers' router_aux_loss_coef with
+    # output_router_logits; Mixtral's config says 0.02); 0: off, as transformers' default
+    cfg.train.router_aux_loss_coef = 0.0
 
     cfg.eval = ml_collections.ConfigDict()
     cfg.eval.interval = 100
@@ -459,6 +462,8 @@ def _check_train(train: ml_collections.ConfigDict, model_block_size: int | None)
         raise ConfigError(f"train.max_time must be > 0 seconds or None, got {train.max_time}")
     if train.max_norm is not None and not train.max_norm > 0:
         raise ConfigError(f"train.max_norm must be > 0 or None (no clipping), got {train.max_norm}")
+    if not isinstance(train.router_aux_loss_coef, (int, float)) or not train.router_aux_loss_coef >= 0:
+        raise ConfigError(f"train.router_aux_loss_coef must be a number >= 0 (0: off), got {train.router_aux_loss_coef}")
     if train.lr_warmup_steps is not None and train.lr_warmup_fraction is not None:
         raise ConfigError(
             f"train.lr_warmup_steps={train.lr_warmup_steps} and train.lr_warmup_fraction={train.lr_warmup_fraction} "

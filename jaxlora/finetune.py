@@ -71,6 +71,9 @@ def finetune(cfg) -> FitResult:
     validate(cfg, dp, backend_supports_bf16=backend_supports_bf16() or jax.default_backend() == "cpu",
              model_block_size=model_config.block_size)
     accum = accumulation_steps(cfg, dp)
+    if t.router_aux_loss_coef and model_config.mlp_class != "LLaMAMoE":
+        raise ConfigError(f"train.router_aux_loss_coef={t.router_aux_loss_coef} weighs the router loss of a "
+                          f"mixture-of-experts model, and {model_config.name} has no experts; leave it at 0")
     _check_out_dir(cfg.out_dir)
     resume = resolve_resume(cfg.resume, cfg.out_dir)
     old_steps = saved_steps(cfg.out_dir)
@@ -159,7 +162,8 @@ def finetune(cfg) -> FitResult:
     try:
         result = fit(
             state, base, train_step=make_train_step(graphdef, tx, accum_steps=accum, mode=t.grad_accumulation,
-                                                    state_sharding=state_sharding),
+                                                    state_sharding=state_sharding,
+                                                    router_aux_loss_coef=t.router_aux_loss_coef),
             eval_step=make_eval_step(graphdef, mesh=mesh, exact_match=cfg.eval.exact_match),
             train_batches=step_batches(batches, accum), key=key, mesh=mesh,
             settings=settings, out_dir=cfg.out_dir, val_batches=val_batches, schedule=schedule,

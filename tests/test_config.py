@@ -280,6 +280,11 @@ def test_bad_mesh_axis_size(cfg):
     _fails(cfg, "mesh.fsdp must be a positive integer or -1 (the remaining devices), got 0")
 
 
+def test_bad_router_aux_loss_coef(cfg):
+    cfg.train.router_aux_loss_coef = -0.01
+    _fails(cfg, "train.router_aux_loss_coef must be a number >= 0 (0: off), got -0.01")
+
+
 def test_two_mesh_axes_fill(cfg):
     cfg.mesh.tensor = -1
     _fails(cfg, "mesh.data and mesh.tensor are all -1; at most one mesh axis may take the remaining devices")

@@ -277,6 +277,12 @@ def test_finetune_job_end_to_end_and_resume(tmp_path, monkeypatch, caplog):
                                                         f"in {shown}; resume with the saved values")):
             finetune(changed)
 
+    dense_aux = cfg.copy_and_resolve_references()
+    dense_aux.train.router_aux_loss_coef = 0.02
+    with pytest.raises(ConfigError, match=r"train.router_aux_loss_coef=0.02 weighs the router loss of a mixture-of-"
+                                          r"experts model, and .* has no experts; leave it at 0"):
+        finetune(dense_aux)
+
     cfg.resume = False  # a fresh run into that out_dir would leave the old steps looking like its own
     with pytest.raises(ConfigError, match=r"already holds steps \[2, 3\].*resume=auto"):
         finetune(cfg)

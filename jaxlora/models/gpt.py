@@ -28,7 +28,8 @@ from flax import nnx
 from jaxlora.errors import ConfigError
 from jaxlora.models.config import ModelConfig
 from jaxlora.models import packing, rope
-from jaxlora.models.grouped import MOE_DISPATCH, ExpertGroups, sparse_pays
+from jaxlora.models.grouped import (MOE_DISPATCH, ExpertGroups, load_balancing_loss, router_statistics,
+                                    sparse_pays)
 from jaxlora.models.linear import Linear, logical_axes
 from jaxlora.models.lora import LoRAConfig, init_magnitudes
 
@@ -271,21 +272,26 @@ class MLP(nnx.Module):
                                                        -bound, bound), **logical_axes(("embed", None)))
             self.n_expert, self.top_k, self.norm_topk = c.n_expert, c.n_expert_per_token, c.moe_norm_topk
 
-    def __call__(self, x, keys):
-        """x [b, t, d] -> [b, t, d]; keys: 3 dropout keys or None."""
+    def __call__(self, x, keys, token_weights=None):
+        """x [b, t, d] -> (y [b, t, d], router statistics or None); keys: 3 dropout keys or None.
+
+        token_weights fp32 [b, t] (1 for real tokens, 0 for padding): an MoE layer also returns its
+        `grouped.router_statistics` over those tokens (for the load-balancing loss)."""
         k0, k1, k2 = keys if keys is not None else (None,) * 3
         if self.kind == "LLaMAMoE":
             tokens = x.shape[0] * x.shape[1]
             sparse = self.moe_dispatch == "sparse" or (
                 self.moe_dispatch == "auto" and sparse_pays(tokens, self.n_expert, self.top_k))
-            return (self._moe_sparse if sparse else self._moe)(x, k0, k1, k2)
+            top_idx, top_w, probs = self._route(x)
+            y = (self._moe_sparse if sparse else self._moe)(x, top_idx, top_w, k0, k1, k2)
+            return y, None if token_weights is None else router_statistics(top_idx, probs, token_weights)
         # The activation is checkpointed: the backward pass recomputes it from the matmul
         # outputs instead of keeping its intermediates (2-4 more [b, t, intermediate] tensors per layer).
         if self.kind == "GptNeoxMLP":
             h = packing.checkpoint(self._gelu)(self.fc(x, dropout_key=k0))
         else:
             h = packing.checkpoint(self._gated)(self.fc_1(x, dropout_key=k0), self.fc_2(x, dropout_key=k1))
-        return self.proj(h, dropout_key=k2)
+        return self.proj(h, dropout_key=k2), None
 
     def _gelu(self, h):
         return jax.nn.gelu(h, approximate=self.gelu_approximate)
@@ -297,31 +303,31 @@ class MLP(nnx.Module):
 
     def _route(self, x):
         """Top-k routing: softmax over all experts' logits, top-k, renormalised or not (`moe_norm_topk`).
-        x [b, t, d] -> (experts int [b, t, k], their weights fp32 [b, t, k])."""
+        x [b, t, d] -> (experts int [b, t, k], their weights fp32 [b, t, k], every expert's probability
+        fp32 [b, t, E])."""
         router_logits = jnp.einsum("btd,de->bte", x, packing.from_storage(self.router[...]).astype(x.dtype),
                                    preferred_element_type=jnp.float32)
         top_logits, top_idx = jax.lax.top_k(router_logits, self.top_k)
+        probs = jax.nn.softmax(router_logits, axis=-1)
         if self.norm_topk:  # softmax over the chosen experts = their softmax probabilities renormalised
-            return top_idx, jax.nn.softmax(top_logits, axis=-1)
+            return top_idx, jax.nn.softmax(top_logits, axis=-1), probs
         # their probabilities under the softmax over all experts
-        return top_idx, jnp.take_along_axis(jax.nn.softmax(router_logits, axis=-1), top_idx, axis=-1)
+        return top_idx, jnp.take_along_axis(probs, top_idx, axis=-1), probs
 
-    def _moe(self, x, k0, k1, k2):
+    def _moe(self, x, top_idx, top_w, k0, k1, k2):
         """Dense dispatch: every expert runs on every token and unchosen experts get weight 0. Exact and
         simple; n_expert / top_k times the FLOPs of sparse dispatch (the reference for `_moe_sparse`)."""
-        top_idx, top_w = self._route(x)
         weights = jnp.sum(jax.nn.one_hot(top_idx, self.n_expert) * top_w[..., None], axis=-2)  # [b, t, e]
         xe = jnp.broadcast_to(x[:, :, None, :], x.shape[:2] + (self.n_expert, x.shape[-1]))  # [b, t, e, d]
         h = self._gated(self.fc_1(xe, dropout_key=k0), self.fc_2(xe, dropout_key=k1))
         y = self.proj(h, dropout_key=k2)  # [b, t, e, d]
         return jnp.einsum("bted,bte->btd", y, weights.astype(y.dtype))
 
-    def _moe_sparse(self, x, k0, k1, k2):
+    def _moe_sparse(self, x, top_idx, top_w, k0, k1, k2):
         """Sparse dispatch: the b * t * top_k (token, expert) rows sorted by expert, each expert's matmuls one
         grouped matmul over its rows (`grouped.ExpertGroups`; LoRA on the experts as grouped low-rank
         products), scattered back onto the tokens with the routing weights. Exact: no capacity, no drops."""
         b, t, d = x.shape
-        top_idx, top_w = self._route(x)
         groups, order = ExpertGroups.sort(top_idx.reshape(-1), self.n_expert)
         token = order // self.top_k  # [b * t * k]: the token of each sorted row
         xs = x.reshape(b * t, d)[token]
@@ -347,8 +353,9 @@ class Block(nnx.Module):
         self.mlp = MLP(c, lora, param_dtype, quantize, rngs, moe_dispatch)
         self.post_mlp_norm = Norm(c.n_embd, c, param_dtype) if c.post_mlp_norm else None
 
-    def __call__(self, x, cos, sin, mask, dropout_key=None, cache=None, index=None):
-        """x [b, t, d] -> (x [b, t, d], new k/v or None); cache/index as in `Attention`."""
+    def __call__(self, x, cos, sin, mask, dropout_key=None, cache=None, index=None, token_weights=None):
+        """x [b, t, d] -> (x [b, t, d], new k/v or None, router statistics or None); cache/index as in
+        `Attention`, token_weights as in `MLP`."""
         keys = None if dropout_key is None else tuple(jax.random.split(dropout_key, 7))
         h = x if self.norm_1 is None else self.norm_1(x)
         attn, new_kv = self.attn(h, cos, sin, mask, None if keys is None else keys[:4], cache, index)
@@ -358,8 +365,9 @@ class Block(nnx.Module):
         else:
             x = x + attn
             mlp_in = x if self.norm_2 is None else self.norm_2(x)
-        m = self._residual(self.mlp(mlp_in, None if keys is None else keys[4:]), self.post_mlp_norm)
-        return (x + attn + m if self.parallel_residual else x + m), new_kv
+        m, stats = self.mlp(mlp_in, None if keys is None else keys[4:], token_weights)
+        m = self._residual(m, self.post_mlp_norm)
+        return (x + attn + m if self.parallel_residual else x + m), new_kv, stats
 
     def _residual(self, y, post_norm):
         """A branch's output as added to the residual stream: post-normed, times the multiplier."""
@@ -405,8 +413,9 @@ class GPT(nnx.Module):
                                               dropout_key=dropout_key))
 
     def hidden_states(self, input_ids, *, positions=None, attention_mask=None, segment_ids=None, dropout_key=None,
-                      batch_sharding=None):
-        """Final-norm hidden states [b, t, n_embd] in the compute dtype.
+                      batch_sharding=None, router_aux: bool = False):
+        """Final-norm hidden states [b, t, n_embd] in the compute dtype (with `router_aux`: and the
+        load-balancing loss of the MoE routing over the real tokens, fp32 [], 0 without experts).
 
         attention_mask: [b, t], 1 for real tokens, 0 for padding (left or right). positions default
         to the count of real tokens before each one. segment_ids: int [b, t] instead, for packed rows:
@@ -421,9 +430,15 @@ class GPT(nnx.Module):
         if positions is None:
             positions = (jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0) if segment_ids is None
                          else segment_positions(segment_ids))
-        x, _ = self._blocks(input_ids, positions, jnp.arange(t), valid, dropout_key, batch_sharding=batch_sharding,
-                            segment_ids=segment_ids)
-        return self.ln_f(x)
+        weights = None
+        if router_aux:
+            weights = (valid if segment_ids is None else valid & (segment_ids > 0)).astype(jnp.float32)
+        x, _, stats = self._blocks(input_ids, positions, jnp.arange(t), valid, dropout_key,
+                                   batch_sharding=batch_sharding, segment_ids=segment_ids, token_weights=weights)
+        if not router_aux:
+            return self.ln_f(x)
+        aux = jnp.zeros((), jnp.float32) if stats is None else load_balancing_loss(stats, jnp.sum(weights))
+        return self.ln_f(x), aux
 
     def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
         """An empty `KVCache` for `batch` rows of up to `max_len` tokens (dtype: default the compute dtype)."""
@@ -448,16 +463,17 @@ class GPT(nnx.Module):
             before = jnp.sum(cache.valid, axis=1, keepdims=True)
             positions = jnp.maximum(before + jnp.cumsum(new_valid, axis=1) - 1, 0)
         valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, new_valid, cache.index, axis=1)
-        x, (new_k, new_v) = self._blocks(input_ids, positions, cache.index + jnp.arange(t), valid, None,
-                                         (cache.k, cache.v), cache.index)
+        x, (new_k, new_v), _ = self._blocks(input_ids, positions, cache.index + jnp.arange(t), valid, None,
+                                            (cache.k, cache.v), cache.index)
         hidden = self.ln_f(x[:, -1:] if last_only else x)
         k, v = (jax.lax.dynamic_update_slice_in_dim(c, n, cache.index, axis=2)
                 for c, n in ((cache.k, new_k), (cache.v, new_v)))
         return self.logits(hidden), KVCache(k=k, v=v, valid=valid, index=cache.index + t)
 
     def _blocks(self, input_ids, positions, query_slots, key_valid, dropout_key, cache=None, index=None, *,
-                batch_sharding=None, segment_ids=None):
-        """Embedding and all blocks -> (x [b, t, d] before the final norm, new k/v stacked over layers or None).
+                batch_sharding=None, segment_ids=None, token_weights=None):
+        """Embedding and all blocks -> (x [b, t, d] before the final norm, new k/v stacked over layers or None,
+        router statistics stacked over layers or None: with `token_weights` [b, t], see `MLP`).
 
         query_slots int [t] and key_valid bool [b, s] define the masks (`attention_masks`); segment_ids
         [b, t] (no cache) also confine attention to each segment; cache: None, or (k, v)
@@ -487,20 +503,23 @@ class GPT(nnx.Module):
             state, window, kind, key, kv = layer
             mask = base_mask & ((window == 0) | (distance < window))
             layer_cos, layer_sin = (cos[0], sin[0]) if len(cos) == 1 else (cos[kind], sin[kind])
-            h, new_kv = nnx.merge(graphdef, state)(h, layer_cos, layer_sin, mask, key, kv, index)
-            return constrain(h), new_kv
+            h, new_kv, stats = nnx.merge(graphdef, state)(h, layer_cos, layer_sin, mask, key, kv, index, token_weights)
+            return constrain(h), (new_kv, stats)
 
         if self.remat != "none":
             policy = None if self.remat == "block" else getattr(jax.checkpoint_policies, self.remat)
             body = jax.checkpoint(body, policy=policy, prevent_cse=not self.scan_layers)
         xs = (block_state, windows, jnp.asarray(rope_kind), layer_keys, cache)
         if self.scan_layers:
-            return jax.lax.scan(body, x, xs)
-        new_kv = []
+            x, (new_kv, stats) = jax.lax.scan(body, x, xs)
+            return x, new_kv, stats
+        outs = []
         for i in range(c.n_layer):
-            x, kv = body(x, jax.tree.map(lambda a: a[i], xs))
-            new_kv.append(kv)
-        return x, jax.tree.map(lambda *a: jnp.stack(a), *new_kv) if cache is not None else None
+            x, out = body(x, jax.tree.map(lambda a: a[i], xs))
+            outs.append(out)
+        new_kv, stats = (None if outs[0][j] is None else jax.tree.map(lambda *a: jnp.stack(a), *(o[j] for o in outs))
+                         for j in (0, 1))
+        return x, new_kv, stats
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """hidden [..., n_embd] -> fp32 logits [..., padded_vocab_size] (final soft-capping applied)."""

@@ -227,10 +227,12 @@ class _Interval:
         self.reset()
 
     def reset(self):
-        self.losses, self.grad_norms, self.times, self.tokens = [], [], [], 0
+        self.losses, self.grad_norms, self.times, self.tokens, self.router_aux = [], [], [], 0, []
 
     def add(self, m: dict, step_time: float, tokens: int):
         self.losses.append(float(m["loss"]))
+        if "router_aux_loss" in m:  # MoE with train.router_aux_loss_coef > 0
+            self.router_aux.append(float(m["router_aux_loss"]))
         self.grad_norms.append(float(m["grad_norm"]))
         self.times.append(step_time)
         self.tokens += tokens
@@ -241,6 +243,8 @@ class _Interval:
                "loss": float(np.mean(self.losses)), "lr": lr, "grad_norm": float(np.mean(self.grad_norms)),
                "tokens": total_tokens, "step_time": step_time, "tokens_per_s": self.tokens / sum(self.times),
                "elapsed": elapsed}
+        if self.router_aux:
+            row["router_aux_loss"] = float(np.mean(self.router_aux))
         self.reset()
         return row
 
@@ -266,6 +270,8 @@ def _log_row(row: dict, max_steps: int) -> None:
             f"{row['step_time'] * 1000:.0f} ms/step, {row['tokens_per_s']:.0f} tokens/s")
     if row["lr"] is not None:
         text += f", lr {row['lr']:.3e}"
+    if "router_aux_loss" in row:
+        text += f", router aux loss {row['router_aux_loss']:.4f}"
     if "val_loss" in row:
         text += f", val loss {row['val_loss']:.4f}, val ppl {row['val_ppl']:.2f}"
     if "val_exact_match" in row:

@@ -35,7 +35,7 @@ from jaxlora.models.config import ModelConfig
 log = logging.getLogger(__name__)
 
 CSV_COLUMNS = ("step", "epoch", "loss", "lr", "grad_norm", "val_loss", "val_ppl", "val_exact_match", "tokens",
-               "step_time", "tokens_per_s", "elapsed")
+               "step_time", "tokens_per_s", "elapsed", "router_aux_loss")
 
 # Dense (non-sparse) bf16 peak FLOP/s per chip from the vendors' datasheets. Matched in order
 # against the lower-cased `device_kind`, so more specific names come first.

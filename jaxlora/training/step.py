@@ -136,31 +136,35 @@ def cross_entropy_sum(logits_fn: Callable[[Any, jax.Array], jax.Array], head_par
 
 def sequence_loss(model, input_ids: jax.Array, labels: jax.Array, *, segment_ids: jax.Array | None = None,
                   dropout_key: jax.Array | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE,
-                  mesh: Mesh | None = None) -> tuple[jax.Array, jax.Array]:
-    """input_ids, labels int32 [b, t] -> (loss sum fp32 [], token count int32 []).
+                  mesh: Mesh | None = None, router_aux: bool = False):
+    """input_ids, labels int32 [b, t] -> (loss sum fp32 [], token count int32 []); with `router_aux`, also the
+    MoE load-balancing loss of the batch's routing (fp32 [], `GPT.hidden_states`; 0 without experts).
 
     Position i predicts labels[:, i + 1]; the last position predicts nothing. segment_ids: packed
     rows (`GPT.hidden_states`; each segment's first label is ignore_index, so no segment predicts
     the next one's first token). mesh: keep the activations' batch axis split over the mesh's batch
     axes (see `sharding.activation_sharding`).
     """
-    logits_fn, head_params, hidden, targets = _predict(model, input_ids, labels, segment_ids, dropout_key, mesh)
-    return cross_entropy_sum(logits_fn, head_params, hidden, targets, vocab_size=model.config.vocab_size,
-                             chunk_size=chunk_size)
+    logits_fn, head_params, hidden, targets, aux = _predict(model, input_ids, labels, segment_ids, dropout_key, mesh,
+                                                            router_aux)
+    loss_sum, count = cross_entropy_sum(logits_fn, head_params, hidden, targets, vocab_size=model.config.vocab_size,
+                                        chunk_size=chunk_size)
+    return (loss_sum, count, aux) if router_aux else (loss_sum, count)
 
 
-def _predict(model, input_ids, labels, segment_ids, dropout_key, mesh):
+def _predict(model, input_ids, labels, segment_ids, dropout_key, mesh, router_aux=False):
     """-> (logits_fn, head_params (`GPT.logits_head`), final hidden states [b, t, d], targets [b, t]:
-    labels shifted left by one)."""
+    labels shifted left by one, the router load-balancing loss or None)."""
     batch_sharding = None if mesh is None else activation_sharding(mesh)
     hidden = model.hidden_states(input_ids, segment_ids=segment_ids, dropout_key=dropout_key,
-                                 batch_sharding=batch_sharding)
+                                 batch_sharding=batch_sharding, router_aux=router_aux)
+    hidden, aux = hidden if router_aux else (hidden, None)
     logits_fn, head_params = model.logits_head()
     if batch_sharding is not None:
         head = logits_fn
         logits_fn = lambda p, h: head(p, jax.lax.with_sharding_constraint(h, batch_sharding))  # noqa: E731
     targets = jnp.concatenate([labels[:, 1:], jnp.full((labels.shape[0], 1), IGNORE_INDEX, labels.dtype)], axis=1)
-    return logits_fn, head_params, hidden, targets
+    return logits_fn, head_params, hidden, targets, aux
 
 
 def _chunks(hidden: jax.Array, targets: jax.Array, chunk_size: int) -> tuple[jax.Array, jax.Array]:
@@ -201,7 +205,7 @@ def sequence_eval(model, input_ids: jax.Array, labels: jax.Array, *, segment_ids
     reproduces them (with masked prompts: the response and its EOS). Rows without targets (batch
     padding) are not scored.
     """
-    logits_fn, head_params, hidden, targets = _predict(model, input_ids, labels, segment_ids, None, mesh)
+    logits_fn, head_params, hidden, targets, _ = _predict(model, input_ids, labels, segment_ids, None, mesh)
     loss_sum, count = cross_entropy_sum(logits_fn, head_params, hidden, targets, vocab_size=model.config.vocab_size,
                                         chunk_size=chunk_size)
     mistakes = token_mistakes(logits_fn, head_params, hidden, targets, vocab_size=model.config.vocab_size,
@@ -210,17 +214,24 @@ def sequence_eval(model, input_ids: jax.Array, labels: jax.Array, *, segment_ids
     return loss_sum, count, jnp.sum(scored & (mistakes == 0), dtype=jnp.int32), jnp.sum(scored, dtype=jnp.int32)
 
 
-def _loss_fn(graphdef, chunk_size: int, mesh: Mesh | None):
-    """loss(lora, base, batch, key): `sequence_loss` of one micro-batch {"input_ids", "labels"[, "segment_ids"]}."""
+def _loss_fn(graphdef, chunk_size: int, mesh: Mesh | None, router_aux_coef: float = 0.0):
+    """loss(lora, base, batch, key) -> (objective, (loss sum, token count, router aux x token count)) of one
+    micro-batch {"input_ids", "labels"[, "segment_ids"]} (`sequence_loss`). The objective, which is
+    differentiated, is the loss sum plus router_aux_coef x the load-balancing loss x the token count: a
+    micro-batch's mean loss plus coef x aux, as transformers' MoE loss with output_router_logits."""
     def loss(lora, base, batch, key):
         model = nnx.merge(graphdef, lora, base)
-        return sequence_loss(model, batch["input_ids"], batch["labels"], segment_ids=batch.get("segment_ids"),
-                             dropout_key=key, chunk_size=chunk_size, mesh=mesh)
+        loss_sum, count, *aux = sequence_loss(
+            model, batch["input_ids"], batch["labels"], segment_ids=batch.get("segment_ids"), dropout_key=key,
+            chunk_size=chunk_size, mesh=mesh, router_aux=router_aux_coef > 0)
+        weighted_aux = aux[0] * count if aux else jnp.zeros((), jnp.float32)
+        return loss_sum + router_aux_coef * weighted_aux, (loss_sum, count, weighted_aux)
     return loss
 
 
 def make_train_step(graphdef, optimizer: optax.GradientTransformation, *, accum_steps: int, mode: str = "scan",
-                    chunk_size: int = DEFAULT_CHUNK_SIZE, state_sharding: TrainState | None = None):
+                    chunk_size: int = DEFAULT_CHUNK_SIZE, state_sharding: TrainState | None = None,
+                    router_aux_loss_coef: float = 0.0):
     """-> train_step(state, base, batch, key) -> (state, metrics); `state` is donated.
 
     state_sharding: the train state's shardings (`sharding.train_state_shardings`), kept by every
@@ -234,7 +245,9 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, *, accum_
     key: the run's base dropout key; micro-batch i of optimizer step s uses
       fold_in(fold_in(key, s), i), so a resumed run draws the same dropout masks.
     metrics: loss (fp32, token-weighted mean over the step's batch), grad_norm (fp32, global norm
-      of the gradient before clipping), tokens (int32, count of non-ignored targets).
+      of the gradient before clipping), tokens (int32, count of non-ignored targets); with
+      router_aux_loss_coef > 0 (MoE: the load-balancing loss, times the coefficient, is trained on) also
+      router_aux_loss (fp32, its token-weighted mean over the micro-batches; not part of `loss`).
 
     mode "scan": one jitted call; `lax.scan` over the micro-batches sums token-loss sums, token
       counts and fp32 gradients, and divides once by the step's token count: the gradient equals
@@ -251,16 +264,15 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, *, accum_
     jit = functools.partial(jax.jit, donate_argnums=0)
     if state_sharding is not None:
         jit = functools.partial(jit, out_shardings=(state_sharding, state_sharding.step))  # metrics replicated
+    loss_fn = _loss_fn(graphdef, chunk_size, mesh, router_aux_loss_coef)
     if mode == "scan":
-        return _scan_step(graphdef, optimizer, accum_steps, chunk_size, mesh, jit)
+        return _scan_step(loss_fn, optimizer, accum_steps, jit, router_aux_loss_coef > 0)
     if mode == "multisteps":
-        return _multisteps_step(graphdef, optimizer, accum_steps, chunk_size, mesh, jit)
+        return _multisteps_step(loss_fn, optimizer, accum_steps, jit, router_aux_loss_coef > 0)
     raise ConfigError(f"unknown grad_accumulation mode {mode!r}; choose one of {', '.join(MODES)}")
 
 
-def _scan_step(graphdef, optimizer, accum_steps, chunk_size, mesh, jit):
-    loss_fn = _loss_fn(graphdef, chunk_size, mesh)
-
+def _scan_step(loss_fn, optimizer, accum_steps, jit, report_aux):
     @jit
     def train_step(state: TrainState, base, batch, key):
         ids = batch["input_ids"]
@@ -272,24 +284,25 @@ def _scan_step(graphdef, optimizer, accum_steps, chunk_size, mesh, jit):
         step_key = jax.random.fold_in(key, state.step)
 
         def scaled_loss(lora, batch_i, key_i):
-            loss_sum, count = loss_fn(lora, base, batch_i, key_i)
-            return loss_sum / positions, (loss_sum, count)
+            objective, parts = loss_fn(lora, base, batch_i, key_i)
+            return objective / positions, parts
 
         def micro(carry, xs):
-            loss_acc, count_acc, grad_acc = carry
             i, batch_i = xs
-            (_, (loss_sum, count)), grads = jax.value_and_grad(scaled_loss, has_aux=True)(
+            (_, parts), grads = jax.value_and_grad(scaled_loss, has_aux=True)(
                 state.lora, batch_i, jax.random.fold_in(step_key, i))
-            grad_acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grad_acc, grads)
-            return (loss_acc + loss_sum, count_acc + count, grad_acc), None
+            sums = tuple(a + p for a, p in zip(carry[0], parts))
+            return (sums, jax.tree.map(lambda a, g: a + g.astype(jnp.float32), carry[1], grads)), None
 
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.lora)
-        init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32), zeros)
-        (loss_sum, count, grads), _ = jax.lax.scan(micro, init, (jnp.arange(accum_steps), batch))
+        init = ((jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32), jnp.zeros((), jnp.float32)), zeros)
+        ((loss_sum, count, aux_sum), grads), _ = jax.lax.scan(micro, init, (jnp.arange(accum_steps), batch))
         denom = jnp.maximum(count, 1).astype(jnp.float32)
         grads = jax.tree.map(lambda g: g * (positions / denom), grads)
         new_state = _apply(optimizer, state, grads, state.step + 1)
         metrics = {"loss": loss_sum / denom, "grad_norm": optax.tree.norm(grads), "tokens": count}
+        if report_aux:
+            metrics["router_aux_loss"] = aux_sum / denom
         return new_state, metrics
 
     return train_step
@@ -300,9 +313,7 @@ def _apply(optimizer, state: TrainState, grads, step) -> TrainState:
     return TrainState(step=step, lora=optax.apply_updates(state.lora, updates), opt_state=opt_state)
 
 
-def _multisteps_step(graphdef, optimizer, accum_steps, chunk_size, mesh, jit):
-    loss_fn = _loss_fn(graphdef, chunk_size, mesh)
-
+def _multisteps_step(loss_fn, optimizer, accum_steps, jit, report_aux):
     @jit
     def micro_step(state: TrainState, base, batch, key):
         if not isinstance(state.opt_state, optax.MultiStepsState):
@@ -312,25 +323,30 @@ def _multisteps_step(graphdef, optimizer, accum_steps, chunk_size, mesh, jit):
         key_i = jax.random.fold_in(jax.random.fold_in(key, state.step), i)
 
         def mean_loss(lora):
-            loss_sum, count = loss_fn(lora, base, batch_i, key_i)
-            return loss_sum / jnp.maximum(count, 1), (loss_sum, count)
+            objective, parts = loss_fn(lora, base, batch_i, key_i)
+            return objective / jnp.maximum(parts[1], 1), parts
 
-        (_, (loss_sum, count)), grads = jax.value_and_grad(mean_loss, has_aux=True)(state.lora)
+        (_, (loss_sum, count, aux_sum)), grads = jax.value_and_grad(mean_loss, has_aux=True)(state.lora)
         # MultiSteps keeps a running mean (Welford); this is the mean it will apply after the last micro-batch.
         mean_grads = jax.tree.map(lambda acc, g: acc + (g - acc) / (i + 1), state.opt_state.acc_grads, grads)
         new_state = _apply(optimizer, state, grads, state.step)
         new_state = new_state.replace(step=state.step + (new_state.opt_state.mini_step == 0))
-        return new_state, {"loss_sum": loss_sum, "tokens": count, "grad_norm": optax.tree.norm(mean_grads)}
+        return new_state, {"loss_sum": loss_sum, "aux_sum": aux_sum, "tokens": count,
+                           "grad_norm": optax.tree.norm(mean_grads)}
 
     def train_step(state: TrainState, base, batch, key):
         if batch["input_ids"].shape[0] != accum_steps:
             raise ValueError(f"batch has {batch['input_ids'].shape[0]} micro-batches, the step was built for "
                              f"{accum_steps}")
-        loss_sum, tokens = 0.0, 0
+        loss_sum, aux_sum, tokens = 0.0, 0.0, 0
         for _ in range(accum_steps):
             state, m = micro_step(state, base, batch, key)
-            loss_sum, tokens = loss_sum + m["loss_sum"], tokens + m["tokens"]
-        return state, {"loss": loss_sum / jnp.maximum(tokens, 1), "grad_norm": m["grad_norm"], "tokens": tokens}
+            loss_sum, aux_sum, tokens = loss_sum + m["loss_sum"], aux_sum + m["aux_sum"], tokens + m["tokens"]
+        denom = jnp.maximum(tokens, 1)
+        metrics = {"loss": loss_sum / denom, "grad_norm": m["grad_norm"], "tokens": tokens}
+        if report_aux:
+            metrics["router_aux_loss"] = aux_sum / denom
+        return state, metrics
 
     train_step.micro_step = micro_step
     return train_step
@@ -350,6 +366,6 @@ def make_eval_step(graphdef, *, chunk_size: int = DEFAULT_CHUNK_SIZE, mesh: Mesh
         if exact_match:
             return sequence_eval(nnx.merge(graphdef, lora, base), batch["input_ids"], batch["labels"],
                                  segment_ids=batch.get("segment_ids"), chunk_size=chunk_size, mesh=mesh)
-        return loss_fn(lora, base, batch, None)
+        return loss_fn(lora, base, batch, None)[1][:2]
 
     return eval_step
