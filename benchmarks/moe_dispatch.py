@@ -11,12 +11,12 @@ checks the rule against the measurement.
 Memory and FLOPs: the LoRA train step of Mixtral-8x7B and Qwen3-30B-A3B (LoRA r 8, alpha 16, on query,
 value and the experts; micro-batch 1, `--seq-length` tokens, bf16-true frozen weights, or NF4 with
 `--quantize`) compiled from abstract shapes (`memory_vs_rank.abstract_step`: nothing allocated);
-memory = argument + temp + (output - alias) of `memory_analysis()`, FLOPs = XLA's `cost_analysis()` of
-the compiled step (its count of every op, forward and backward). On CPU 16-bit steps are compiled in
+memory = argument + temp + (output - alias) of `memory_analysis()`; FLOPs: what the step's frozen matmuls
+and attention execute with each dispatch (`executed_flops`; LoRA's own FLOPs left out). On CPU 16-bit steps are compiled in
 32-true, as memory_vs_rank does by default, so the memory is an upper bound (f32 activations).
 
     python benchmarks/moe_dispatch.py [--experts 8:2 64:8] [--tokens 256 1024] [--repeats 5]
-        [--models Mixtral-8x7B-v0.1 Qwen3-30B-A3B] [--seq-length 512] [--quantize nf4] [--skip-time]
+        [--models Mixtral-8x7B-v0.1 Qwen3-30B-A3B] [--seq-length 512] [--quantize none nf4] [--skip-time]
         [--skip-memory] [--write]
 """
 
@@ -40,8 +40,8 @@ from flax import nnx  # noqa: E402
 
 import jaxlora  # noqa: E402
 from _results import append_section, machine  # noqa: E402
-from jaxlora.models.grouped import sparse_pays  # noqa: E402
-from jaxlora.training.metrics import compiled_memory_bytes  # noqa: E402
+from jaxlora.models.grouped import sparse_pays, tile_rows  # noqa: E402
+from jaxlora.training.metrics import compiled_memory_bytes, model_flops_per_token  # noqa: E402
 from jaxlora.training.optim import make_optimizer  # noqa: E402
 from jaxlora.training.step import init_train_state, make_train_step  # noqa: E402
 from memory_vs_rank import Setting, abstract_step, measure_precision  # noqa: E402
@@ -94,12 +94,21 @@ def memory_row(model: str, dispatch: str, seq_length: int, quantize: str | None)
                 moe_dispatch=dispatch)
     t0 = time.perf_counter()
     step, args, _, _ = abstract_step(s, measure_precision(s, cpu_native=False))
-    compiled = step.lower(*args).compile()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return dict(model=model, dispatch=dispatch, quantize=quantize or "bf16", seq=seq_length,
-                memory=compiled_memory_bytes(compiled), flops=float(cost.get("flops", float("nan"))),
+    memory = compiled_memory_bytes(step.lower(*args).compile())
+    return dict(model=model, dispatch=dispatch, quantize=quantize or "bf16", seq=seq_length, memory=memory,
+                flops=executed_flops(jaxlora.ModelConfig.from_name(model), dispatch, seq_length),
                 compile_s=time.perf_counter() - t0)
+
+
+def executed_flops(config: jaxlora.ModelConfig, dispatch: str, tokens: int) -> float:
+    """FLOPs a step over `tokens` tokens executes in its frozen matmuls (forward + input gradient) and attention
+    (`metrics.model_flops_per_token` without LoRA), counting the expert rows each dispatch really multiplies:
+    dense every expert for every token, sparse top-k per token plus the most tile padding (E x (tile - 1) rows).
+    (XLA's cost_analysis counts a loop body once, so it cannot count scanned layers or tiles.)"""
+    e, k = config.n_expert, config.n_expert_per_token
+    rows = tokens * k
+    per_token = e if dispatch == "dense" else (rows + e * (tile_rows(rows, e) - 1)) / tokens
+    return tokens * model_flops_per_token(dataclasses.replace(config, n_expert_per_token=per_token), 0, tokens)
 
 
 def time_table(rows: list[dict]) -> list[str]:
@@ -114,7 +123,7 @@ def time_table(rows: list[dict]) -> list[str]:
 
 
 def memory_table(rows: list[dict]) -> list[str]:
-    out = ["| model | frozen | seq | dispatch | compiled memory (GB) | step FLOPs (T) | sparse / dense FLOPs |",
+    out = ["| model | frozen | seq | dispatch | compiled memory (GB) | executed step FLOPs (T) | sparse / dense FLOPs |",
            "|---|---|---|---|---|---|---|"]
     dense = {(r["model"], r["quantize"]): r for r in rows if r["dispatch"] == "dense"}
     for r in rows:
@@ -135,7 +144,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--models", nargs="+", default=["Mixtral-8x7B-v0.1", "Qwen3-30B-A3B"])
     p.add_argument("--seq-length", type=int, default=512)
-    p.add_argument("--quantize", nargs="*", default=[None], help="formats for the memory rows (default: bf16 only)")
+    p.add_argument("--quantize", nargs="+", default=["none"],
+                   help="frozen formats of the memory rows: none (bf16) and/or models.quant formats, e.g. none nf4")
     p.add_argument("--skip-time", action="store_true")
     p.add_argument("--skip-memory", action="store_true")
     p.add_argument("--write", action="store_true")
@@ -157,7 +167,7 @@ def main() -> None:
         for model in args.models:
             for fmt in args.quantize:
                 for dispatch in ("dense", "sparse"):
-                    rows.append(memory_row(model, dispatch, args.seq_length, fmt))
+                    rows.append(memory_row(model, dispatch, args.seq_length, None if fmt == "none" else fmt))
                     print(memory_table(rows[-1:])[2], f"(compiled in {rows[-1]['compile_s']:.0f} s)", flush=True)
         lines += [f"Compiled LoRA train step (abstract; LoRA r 8 on query, value and the experts; micro-batch 1; "
                   f"backend {jax.default_backend()}: 16-bit steps compiled in 32-true on CPU, an upper bound):",
