@@ -19,6 +19,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
+pytestmark = pytest.mark.slow  # child-process runs, ~2.5 min on 2 cores: CI runs them with `pytest -m slow`
+
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "demo"
 STEPS = 8

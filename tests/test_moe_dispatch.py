@@ -160,6 +160,7 @@ print("expert mesh max abs diff", worst)
 """
 
 
+@pytest.mark.slow  # two 8-device subprocesses; CI runs it with `pytest -m slow`
 @pytest.mark.parametrize("dispatch", ["dense", "sparse"])
 def test_expert_mesh_axis_trains_like_one_device(moe_checkpoints, dispatch):
     """Two optimizer steps on 8 forced CPU devices, mesh data 2 x expert 4 (experts' frozen kernels and adapters
